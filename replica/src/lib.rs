@@ -1,0 +1,19 @@
+//! ironhorn replica: one replica of one volume, in a directory on one disk.
+//!
+//! - [`store`]: the layered sparse-file block store (snapshots, purge, revert, expand).
+//! - [`index`]: the in-memory extent index the store reads through.
+//! - [`meta`]: the atomically replaced metadata file.
+//! - [`checksum`]: per-chunk crc32 of frozen layers, for rebuild and scrub.
+//! - [`layer_file`]: one layer's sparse file.
+
+pub mod checksum;
+pub mod error;
+#[doc(hidden)]
+pub mod failpoint;
+pub mod index;
+pub mod layer_file;
+pub mod meta;
+pub mod store;
+
+pub use error::{Result, StoreError};
+pub use store::{BLOCK_SIZE, CHUNK_SIZE, LayerInfo, SECTOR_SIZE, Store};
