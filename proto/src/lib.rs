@@ -12,3 +12,9 @@ pub mod frame;
 pub mod replica {
     tonic::include_proto!("ironhorn.replica.v1");
 }
+
+/// gRPC control service of an engine, generated from `proto/engine.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod engine {
+    tonic::include_proto!("ironhorn.engine.v1");
+}
