@@ -13,6 +13,7 @@ pub mod failpoint;
 pub mod index;
 pub mod layer_file;
 pub mod meta;
+pub mod server;
 pub mod store;
 
 pub use error::{Result, StoreError};

@@ -19,6 +19,8 @@ pub const META_FILE: &str = "replica.json";
 pub const META_FORMAT: u32 = 1;
 /// Name the head layer is shown with.
 pub const HEAD_NAME: &str = "volume-head";
+/// Marker of the checksum line that ends the metadata file.
+const CRC_TRAILER: &[u8] = b"#crc32=";
 
 /// Numeric id of a layer; its data lives in `layer-<id>.img`.
 pub type LayerId = u64;
@@ -160,11 +162,11 @@ impl Meta {
             reason,
         };
         let split = text
-            .windows(8)
-            .rposition(|w| w == b"#crc32=")
+            .windows(CRC_TRAILER.len())
+            .rposition(|w| w == CRC_TRAILER)
             .ok_or_else(|| corrupt("no #crc32= trailer".into()))?;
         let (body, trailer) = text.split_at(split);
-        let trailer = std::str::from_utf8(&trailer[7..])
+        let trailer = std::str::from_utf8(&trailer[CRC_TRAILER.len()..])
             .map_err(|_| corrupt("trailer is not UTF-8".into()))?
             .trim();
         let want = u32::from_str_radix(trailer, 16)
@@ -188,7 +190,8 @@ impl Meta {
         })?;
         body.push(b'\n');
         let crc = crc32fast::hash(&body);
-        body.extend_from_slice(format!("#crc32={crc:08x}\n").as_bytes());
+        body.extend_from_slice(CRC_TRAILER);
+        body.extend_from_slice(format!("{crc:08x}\n").as_bytes());
         let tmp = dir.join(format!("{META_FILE}.tmp"));
         let path = dir.join(META_FILE);
         write_file_synced(&tmp, &body)?;
@@ -228,4 +231,54 @@ pub fn layer_path(dir: &Path, id: LayerId) -> PathBuf {
 /// Path of a layer's cached chunk checksums.
 pub fn checksum_path(dir: &Path, id: LayerId) -> PathBuf {
     dir.join(format!("layer-{id:06}.crc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Meta {
+        Meta {
+            format: META_FORMAT,
+            size: 1 << 20,
+            block_size: crate::store::BLOCK_SIZE,
+            epoch: 3,
+            head: 1,
+            next_id: 2,
+            layers: vec![LayerMeta {
+                id: 1,
+                name: HEAD_NAME.into(),
+                parent: None,
+                created_unix_ms: 0,
+                labels: BTreeMap::new(),
+                removed: false,
+            }],
+            rebuilding: false,
+        }
+    }
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = sample();
+        m.save(dir.path()).expect("save");
+        let back = Meta::load(dir.path()).expect("load").expect("present");
+        assert_eq!(back, m);
+        assert!(!dir.path().join(format!("{META_FILE}.tmp")).exists());
+    }
+
+    #[test]
+    fn load_refuses_a_flipped_byte() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        sample().save(dir.path()).expect("save");
+        let path = dir.path().join(META_FILE);
+        let mut data = fs::read(&path).expect("read");
+        let at = data.windows(5).position(|w| w == b"epoch").expect("epoch field");
+        data[at] = b'E';
+        fs::write(&path, &data).expect("write");
+        assert!(matches!(
+            Meta::load(dir.path()),
+            Err(StoreError::CorruptMetadata { .. })
+        ));
+    }
 }

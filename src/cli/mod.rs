@@ -1,0 +1,42 @@
+//! Command-line interface: clap definitions and the code each subcommand runs.
+
+mod replica;
+
+use clap::{Parser, Subcommand};
+
+/// ironhorn: distributed, replicated block storage for Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "ironhorn", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Top-level subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replica process: serves one replica of one volume from a directory.
+    #[command(subcommand)]
+    Replica(replica::ReplicaCommand),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand to completion.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Replica(cmd) => cmd.run().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+}
