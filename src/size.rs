@@ -113,6 +113,7 @@ impl fmt::Display for ByteSize {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

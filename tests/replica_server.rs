@@ -243,7 +243,7 @@ impl DataConn {
     /// Asserts that the server closes the connection (after any answers already due).
     fn expect_closed(&mut self) {
         let _ = self.stream.shutdown(Shutdown::Write);
-        while let Some(resp) = self.recv() {
+        if let Some(resp) = self.recv() {
             panic!("expected the connection to close, got {resp:?}");
         }
     }

@@ -125,6 +125,7 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -399,6 +399,7 @@ fn split_runs(runs: Vec<(u64, Bytes)>) -> impl Iterator<Item = pb::LayerData> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
