@@ -869,15 +869,6 @@ async fn grpc_snapshots_revert_expand_epoch() {
         code(ctl.expand(pb::ExpandRequest { size: SIZE + 1 }).await),
         tonic::Code::InvalidArgument
     );
-    assert_eq!(
-        code(
-            ctl.sync_from(pb::SyncFromRequest {
-                source: "127.0.0.1:1".into()
-            })
-            .await
-        ),
-        tonic::Code::Unimplemented
-    );
 
     // Checksums and layer data of s2.
     let mut sums = ctl

@@ -66,6 +66,12 @@ struct Inner {
     files: HashMap<LayerId, Arc<LayerFile>>,
     head: Arc<LayerFile>,
     index: Mutex<Index>,
+    /// While a rebuild fills the chain below the head (from `begin_rebuild` to
+    /// `finish_sync`), partial-block writes cannot read the rest of their block from below:
+    /// the head keeps only the written sectors, remembered here (block -> sector mask), and
+    /// `finish_sync` completes those blocks from the finished chain. The map itself is
+    /// `Store::partial_map`.
+    partial_active: bool,
 }
 
 impl Inner {
@@ -92,6 +98,7 @@ pub struct Store {
     rmw: Mutex<()>,
     ctl: Mutex<()>,
     sums: Mutex<HashMap<LayerId, Arc<ChunkSums>>>,
+    partial_map: Mutex<HashMap<u64, u8>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -252,10 +259,12 @@ impl Store {
                 files,
                 head,
                 index: Mutex::new(index),
+                partial_active: false,
             }),
             rmw: Mutex::new(()),
             ctl: Mutex::new(()),
             sums: Mutex::new(HashMap::new()),
+            partial_map: Mutex::new(HashMap::new()),
         })
     }
 
@@ -406,6 +415,9 @@ impl Store {
                 let e = end - end % BLOCK_SIZE;
                 inner.head.write_at(slice(pos, e), pos)?;
                 let blocks = pos / BLOCK_SIZE..e / BLOCK_SIZE;
+                if inner.partial_active {
+                    self.clear_partial(blocks.clone());
+                }
                 let mut idx = inner.index();
                 if !idx.layer_has_all(inner.head_id(), blocks.clone()) {
                     idx.head_written(inner.head_id(), blocks);
@@ -421,6 +433,9 @@ impl Store {
     fn write_partial(&self, inner: &Inner, block: u64, pos: u64, data: &[u8]) -> Result<()> {
         let head = inner.head_id();
         let one = block..block + 1;
+        if inner.partial_active {
+            return self.write_partial_rebuilding(inner, block, pos, data);
+        }
         if inner.index().layer_has_all(head, one.clone()) {
             return inner.head.write_at(data, pos);
         }
@@ -436,6 +451,46 @@ impl Store {
         inner.head.write_at(&buf, start)?;
         inner.index().head_written(head, one);
         Ok(())
+    }
+
+    fn write_partial_rebuilding(
+        &self,
+        inner: &Inner,
+        block: u64,
+        pos: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let _rmw = lock(&self.rmw);
+        let start = block * BLOCK_SIZE;
+        let first = ((pos - start) / SECTOR_SIZE) as u32;
+        let count = (data.len() as u64 / SECTOR_SIZE) as u32;
+        let mask = (((1u32 << count) - 1) << first) as u8;
+        let has = inner.index().layer_has_all(inner.head_id(), block..block + 1);
+        inner.head.write_at(data, pos)?;
+        let mut map = lock(&self.partial_map);
+        if has {
+            if let Some(m) = map.get_mut(&block) {
+                *m |= mask;
+            }
+        } else {
+            map.insert(block, mask);
+            inner.index().head_written(inner.head_id(), block..block + 1);
+        }
+        Ok(())
+    }
+
+    fn clear_partial(&self, blocks: Range<u64>) {
+        let mut map = lock(&self.partial_map);
+        if map.is_empty() {
+            return;
+        }
+        if (blocks.end - blocks.start) as usize > map.len() {
+            map.retain(|b, _| !blocks.contains(b));
+        } else {
+            for b in blocks {
+                map.remove(&b);
+            }
+        }
     }
 
     /// Makes `[offset, offset + len)` read as zeros. Blocks that an older layer holds get
@@ -457,9 +512,15 @@ impl Store {
             return Ok(());
         }
         let head = inner.head_id();
-        let runs = inner
-            .index()
-            .split_by_lower(a_start / BLOCK_SIZE..a_end / BLOCK_SIZE);
+        let whole = a_start / BLOCK_SIZE..a_end / BLOCK_SIZE;
+        let runs = if inner.partial_active {
+            // The chain below is incomplete: older data may still arrive there, so zeros
+            // are written, never holes.
+            self.clear_partial(whole.clone());
+            vec![(whole, true)]
+        } else {
+            inner.index().split_by_lower(whole)
+        };
         for (blocks, lower_has) in runs {
             if lower_has {
                 let mut b = blocks.start;
@@ -829,14 +890,19 @@ impl Store {
             .ok_or_else(|| StoreError::SnapshotNotFound(name.into()))
     }
 
-    /// crc32 per chunk of frozen layer `layer` (see [`crate::checksum`]): computed on first
-    /// use, then cached in memory and in `layer-N.crc`.
+    /// crc32 per chunk of layer `layer` (see [`crate::checksum`]). For a frozen layer they are
+    /// computed on first use, then cached in memory and in `layer-N.crc`; for the head they
+    /// are computed on every call.
     pub fn checksums(&self, layer: &str) -> Result<Arc<ChunkSums>> {
         let _ctl = lock(&self.ctl);
         let (id, file, set) = {
             let inner = self.read_inner();
-            let id = Self::snapshot_id(&inner, layer)?;
+            let id = Self::layer_id(&inner, layer)?;
             let set = inner.index().layers.get(&id).cloned().unwrap_or_default();
+            if id == inner.meta.head {
+                // The head changes with every write: its sums are computed, never cached.
+                return Ok(Arc::new(checksum::compute(inner.file(id)?, &set)?));
+            }
             (id, inner.file(id)?.clone(), set)
         };
         if let Some(s) = lock(&self.sums).get(&id) {
@@ -880,5 +946,261 @@ impl Store {
                 Ok((r.start * BLOCK_SIZE, Bytes::from(buf)))
             })
             .collect()
+    }
+
+    /// Starts a rebuild: the head is replaced by a new empty one with no parent (its data is
+    /// stale), the replica is marked rebuilding, and partial-block writes are tracked until
+    /// [`Store::finish_sync`]. Existing snapshots stay, detached, so a sync can reuse them.
+    pub fn begin_rebuild(&self) -> Result<()> {
+        let _ctl = lock(&self.ctl);
+        let mut inner = self.write_inner();
+        let old = inner.head_id();
+        let new = inner.meta.next_id;
+        let path = meta::layer_path(&self.dir, new);
+        let file = Arc::new(LayerFile::create(&path)?);
+        let mut m = inner.meta.clone();
+        m.layers.retain(|l| l.id != old);
+        m.layers.push(LayerMeta {
+            id: new,
+            name: HEAD_NAME.into(),
+            parent: None,
+            created_unix_ms: now_ms(),
+            labels: BTreeMap::new(),
+            removed: false,
+        });
+        m.head = new;
+        m.next_id = new + 1;
+        m.rebuilding = true;
+        if let Err(e) = meta::sync_dir(&self.dir).and_then(|()| m.save(&self.dir)) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        inner.meta = m;
+        inner.files.remove(&old);
+        inner.files.insert(new, file.clone());
+        inner.head = file;
+        inner.partial_active = true;
+        lock(&self.partial_map).clear();
+        {
+            let mut idx = inner.index();
+            idx.layers.remove(&old);
+            idx.layers.insert(new, RangeSet::new());
+            idx.rebuild_chain(vec![new]);
+        }
+        drop(inner);
+        let p = meta::layer_path(&self.dir, old);
+        std::fs::remove_file(&p).map_err(|e| StoreError::io("remove old head", &p, e))?;
+        info!(dir = %self.dir.display(), "rebuild started: head discarded");
+        Ok(())
+    }
+
+    /// Makes sure a frozen layer called `name` exists (creating it empty and detached when it
+    /// does not) and sets its creation time and labels. Used by a sync.
+    pub fn prepare_layer(
+        &self,
+        name: &str,
+        created_unix_ms: i64,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        validate_name(name)?;
+        let _ctl = lock(&self.ctl);
+        let mut inner = self.write_inner();
+        let mut m = inner.meta.clone();
+        let mut new_file = None;
+        match m.layers.iter_mut().find(|l| l.name == name) {
+            Some(l) if l.id == m.head => {
+                return Err(StoreError::SnapshotState {
+                    name: name.into(),
+                    reason: "is the head".into(),
+                });
+            }
+            Some(l) => {
+                if l.created_unix_ms == created_unix_ms && l.labels == labels {
+                    return Ok(());
+                }
+                l.created_unix_ms = created_unix_ms;
+                l.labels = labels;
+            }
+            None => {
+                let id = m.next_id;
+                let path = meta::layer_path(&self.dir, id);
+                new_file = Some((id, Arc::new(LayerFile::create(&path)?)));
+                m.next_id += 1;
+                m.layers.push(LayerMeta {
+                    id,
+                    name: name.into(),
+                    parent: None,
+                    created_unix_ms,
+                    labels,
+                    removed: false,
+                });
+                meta::sync_dir(&self.dir)?;
+            }
+        }
+        m.save(&self.dir)?;
+        inner.meta = m;
+        if let Some((id, f)) = new_file {
+            inner.files.insert(id, f);
+            inner.index().layers.insert(id, RangeSet::new());
+        }
+        Ok(())
+    }
+
+    /// Replaces what layer `name` holds inside chunk `chunk` with `runs` (byte offset, data;
+    /// whole blocks inside the chunk): blocks not covered are deallocated. Used by a sync.
+    pub fn import_chunk(&self, name: &str, chunk: u64, runs: &[(u64, Bytes)]) -> Result<()> {
+        let per_chunk = CHUNK_SIZE / BLOCK_SIZE;
+        let range = chunk * per_chunk..(chunk + 1) * per_chunk;
+        let inner = self.write_inner();
+        let id = Self::layer_id(&inner, name)?;
+        let file = inner.file(id)?.clone();
+        let mut keep = RangeSet::new();
+        for (off, data) in runs {
+            let len = data.len() as u64;
+            let blocks = blocks_of(*off, len);
+            if off % BLOCK_SIZE != 0
+                || len % BLOCK_SIZE != 0
+                || blocks.start < range.start
+                || blocks.end > range.end
+            {
+                return Err(StoreError::InvalidRange {
+                    offset: *off,
+                    length: len,
+                    size: inner.meta.size,
+                });
+            }
+            file.write_at(data, *off)?;
+            if !blocks.is_empty() {
+                keep.insert(blocks);
+            }
+        }
+        let mut idx = inner.index();
+        let set = idx.layers.entry(id).or_default();
+        let gone: Vec<Range<u64>> = set
+            .overlapping(&range)
+            .map(|r| r.start.max(range.start)..r.end.min(range.end))
+            .flat_map(|r| keep.gaps(&r).collect::<Vec<_>>())
+            .collect();
+        for g in gone {
+            file.punch(g.start * BLOCK_SIZE, (g.end - g.start) * BLOCK_SIZE)?;
+            set.remove(g);
+        }
+        for k in keep.iter() {
+            set.insert(k.clone());
+        }
+        drop(idx);
+        drop(inner);
+        if id != self.read_inner().meta.head {
+            self.forget_sums(id);
+        }
+        Ok(())
+    }
+
+    /// Ends a sync: gives the layers the peer's tree (`tree`: name, parent, removed), deletes
+    /// local snapshots the peer does not have, puts the head on `head_parent`, fsyncs what
+    /// was imported, and completes the blocks that partial writes left in the head.
+    pub fn finish_sync(
+        &self,
+        tree: &[(String, Option<String>, bool)],
+        head_parent: Option<&str>,
+    ) -> Result<()> {
+        let _ctl = lock(&self.ctl);
+        let mut inner = self.write_inner();
+        let mut m = inner.meta.clone();
+        let id_of = |m: &Meta, n: &str| {
+            m.by_name(n)
+                .map(|l| l.id)
+                .ok_or_else(|| StoreError::SnapshotNotFound(n.into()))
+        };
+        let mut ids = Vec::with_capacity(tree.len());
+        for (name, parent, removed) in tree {
+            let id = id_of(&m, name)?;
+            let parent = parent.as_deref().map(|p| id_of(&m, p)).transpose()?;
+            if let Some(l) = m.layer_mut(id) {
+                l.parent = parent;
+                l.removed = *removed;
+            }
+            ids.push(id);
+        }
+        let head = m.head;
+        let head_parent = head_parent.map(|p| id_of(&m, p)).transpose()?;
+        if let Some(h) = m.layer_mut(head) {
+            h.parent = head_parent;
+        }
+        let stale: Vec<LayerId> = m
+            .layers
+            .iter()
+            .map(|l| l.id)
+            .filter(|id| *id != head && !ids.contains(id))
+            .collect();
+        m.layers.retain(|l| !stale.contains(&l.id));
+        m.validate().map_err(|reason| StoreError::SnapshotState {
+            name: "sync".into(),
+            reason,
+        })?;
+        for id in ids.iter().chain(std::iter::once(&head)) {
+            inner.file(*id)?.sync_data()?;
+        }
+        m.save(&self.dir)?;
+        inner.meta = m;
+        for id in &stale {
+            inner.files.remove(id);
+            inner.index().layers.remove(id);
+        }
+        let chain = inner.meta.chain_to(head);
+        inner.index().rebuild_chain(chain.clone());
+        if inner.partial_active {
+            let partial: Vec<(u64, u8)> = lock(&self.partial_map).drain().collect();
+            let below = &chain[..chain.len() - 1];
+            for (block, mask) in partial {
+                let start = block * BLOCK_SIZE;
+                let mut base = [0u8; BLOCK_SIZE as usize];
+                let holder = {
+                    let idx = inner.index();
+                    below
+                        .iter()
+                        .rev()
+                        .find(|id| idx.layer_has_all(**id, block..block + 1))
+                        .copied()
+                };
+                if let Some(h) = holder {
+                    inner.file(h)?.read_at(&mut base, start)?;
+                }
+                let mut mine = [0u8; BLOCK_SIZE as usize];
+                inner.head.read_at(&mut mine, start)?;
+                for sector in 0..(BLOCK_SIZE / SECTOR_SIZE) as usize {
+                    if mask & (1 << sector) != 0 {
+                        let r = sector * SECTOR_SIZE as usize..(sector + 1) * SECTOR_SIZE as usize;
+                        base[r.clone()].copy_from_slice(&mine[r]);
+                    }
+                }
+                inner.head.write_at(&base, start)?;
+            }
+            inner.partial_active = false;
+        }
+        drop(inner);
+        for id in stale {
+            self.forget_sums(id);
+            let p = meta::layer_path(&self.dir, id);
+            std::fs::remove_file(&p).map_err(|e| StoreError::io("remove stale layer", &p, e))?;
+        }
+        Ok(())
+    }
+
+    /// Ends a rebuild: the replica is no longer marked rebuilding.
+    pub fn finish_rebuild(&self) -> Result<()> {
+        let _ctl = lock(&self.ctl);
+        let mut inner = self.write_inner();
+        if inner.partial_active {
+            return Err(StoreError::Rebuilding("the chain has not been synced yet"));
+        }
+        if !inner.meta.rebuilding {
+            return Ok(());
+        }
+        let mut m = inner.meta.clone();
+        m.rebuilding = false;
+        m.save(&self.dir)?;
+        inner.meta = m;
+        Ok(())
     }
 }

@@ -79,7 +79,7 @@ impl ControlService {
     }
 
     /// Runs `f` with the store on the blocking pool and maps its error to a `Status`.
-    async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&Store) -> crate::Result<T> + Send + 'static,
@@ -98,7 +98,7 @@ impl ControlService {
     }
 
     /// The replica's info, read on the blocking pool.
-    async fn info_now(&self) -> Result<pb::ReplicaInfo, Status> {
+    pub(crate) async fn info_now(&self) -> Result<pb::ReplicaInfo, Status> {
         let dir = self.dir.display().to_string();
         let data_address = self.data_address.to_string();
         self.blocking(move |store| Ok(replica_info(store, dir, data_address)))
@@ -326,15 +326,6 @@ impl ReplicaControl for ControlService {
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || stream_layer(&store, &layer, &chunks, &tx));
         Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    type SyncFromStream = ReceiverStream<Result<pb::SyncProgress, Status>>;
-
-    async fn sync_from(
-        &self,
-        _request: Request<pb::SyncFromRequest>,
-    ) -> Result<Response<Self::SyncFromStream>, Status> {
-        Err(Status::unimplemented("SyncFrom lands with rebuild"))
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod data;
+pub mod sync;
 
 use std::io;
 use std::net::SocketAddr;
@@ -178,7 +179,10 @@ impl ReplicaServer {
         let incoming =
             tonic::transport::server::TcpIncoming::from(control_listener).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();
-        let grpc = tonic::transport::Server::builder().add_service(service.into_server());
+        let sync = sync::SyncService::new(Arc::clone(&store), service.clone());
+        let grpc = tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .add_service(sync.into_server());
         let grpc = grpc.serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned());
         tokio::pin!(grpc);
         let result = tokio::select! {

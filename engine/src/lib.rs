@@ -1,0 +1,14 @@
+//! ironhorn engine: owns one volume while it is attached (DESIGN.md §1, §3).
+//!
+//! - [`device`]: the block-device trait every frontend serves.
+//! - [`nbd`]: the NBD frontend (newstyle fixed handshake, structured replies, block status).
+//! - [`replica_client`]: the pipelined data-protocol client of one replica.
+//! - [`volume`]: the replicator: fan-out, read balancing, dropping and fencing replicas,
+//!   snapshots, rebuild.
+//! - [`error`]: errors of control operations.
+
+pub mod device;
+pub mod error;
+pub mod nbd;
+pub mod replica_client;
+pub mod volume;
