@@ -5,10 +5,12 @@
 //! - [`replica_client`]: the pipelined data-protocol client of one replica.
 //! - [`volume`]: the replicator: fan-out, read balancing, dropping and fencing replicas,
 //!   snapshots, rebuild.
+//! - [`control`]: the `EngineControl` gRPC service.
 //! - [`error`]: errors of control operations.
 
 pub mod device;
 pub mod error;
 pub mod nbd;
+pub mod control;
 pub mod replica_client;
 pub mod volume;

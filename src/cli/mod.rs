@@ -1,5 +1,6 @@
 //! Command-line interface: clap definitions and the code each subcommand runs.
 
+mod engine;
 mod replica;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +20,9 @@ enum Command {
     /// Replica process: serves one replica of one volume from a directory.
     #[command(subcommand)]
     Replica(replica::ReplicaCommand),
+    /// Engine process: serves one volume over NBD, mirrored to its replicas; and its control.
+    #[command(subcommand)]
+    Engine(engine::EngineCommand),
 }
 
 impl Cli {
@@ -26,6 +30,7 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Replica(cmd) => cmd.run().await,
+            Command::Engine(cmd) => cmd.run().await,
         }
     }
 }

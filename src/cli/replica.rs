@@ -80,7 +80,7 @@ impl ServeArgs {
 }
 
 /// Resolves `HOST:PORT` to its first socket address.
-async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     if let Ok(parsed) = addr.parse() {
         return Ok(parsed);
     }
@@ -103,7 +103,7 @@ fn next_port(control: SocketAddr) -> anyhow::Result<SocketAddr> {
 }
 
 /// Cancels `shutdown` on the first SIGINT/SIGTERM; exits at once on the second.
-fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
