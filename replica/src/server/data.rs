@@ -531,3 +531,114 @@ impl ErrorLog {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use ironhorn_proto::frame::{RequestCodec, ResponseCodec};
+    use tokio_util::codec::Encoder;
+
+    use super::*;
+
+    fn start(addr: &str, max_connections: usize) -> (tempfile::TempDir, DataServer) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open_or_create(tmp.path(), Some(1 << 20)).unwrap());
+        let config = DataServerConfig {
+            max_connections,
+            dir: tmp.path().to_owned(),
+        };
+        let server = DataServer::bind(addr.parse().unwrap(), store, config).unwrap();
+        (tmp, server)
+    }
+
+    fn connect(server: &DataServer) -> TcpStream {
+        let port = server.local_addr().port();
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    fn call(s: &mut TcpStream, req: Request) -> Response {
+        let mut buf = BytesMut::new();
+        RequestCodec::new().encode(req, &mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        let mut rbuf = BytesMut::new();
+        let mut codec = ResponseCodec::new();
+        loop {
+            if let Some(item) = codec.decode(&mut rbuf).unwrap() {
+                return item.unwrap();
+            }
+            let mut chunk = [0u8; 8192];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed");
+            rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn shutdown_closes_connections_and_is_idempotent() {
+        // Bound to the unspecified address: shutdown wakes accept through loopback.
+        let (_tmp, mut server) = start("0.0.0.0:0", 8);
+        let mut a = connect(&server);
+        let mut b = connect(&server);
+        let data = Bytes::from(vec![3u8; 4096]);
+        let resp = call(&mut a, Request::write(1, 0, data.clone(), true).unwrap());
+        assert_eq!(resp.status(), Ok(()));
+        let resp = call(&mut b, Request::read(2, 0, 4096).unwrap());
+        assert_eq!(resp.into_result().unwrap(), data);
+        assert_eq!(server.connection_count(), 2);
+
+        let started = Instant::now();
+        server.shutdown();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(server.connection_count(), 0);
+        for s in [&mut a, &mut b] {
+            let mut byte = [0u8; 1];
+            assert!(matches!(s.read(&mut byte), Ok(0) | Err(_)));
+        }
+        // No longer accepting.
+        let port = server.local_addr().port();
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+        server.shutdown();
+    }
+
+    #[test]
+    fn connections_leave_the_registry_when_closed() {
+        let (_tmp, server) = start("127.0.0.1:0", 1);
+        let mut a = connect(&server);
+        assert_eq!(call(&mut a, Request::ping(1)).status(), Ok(()));
+        // The limit is 1: a second connection is closed at once.
+        let mut refused = connect(&server);
+        let mut byte = [0u8; 1];
+        assert!(matches!(refused.read(&mut byte), Ok(0) | Err(_)));
+        drop(a);
+        wait_for("the closed connection to leave", || {
+            server.connection_count() == 0
+        });
+        let mut c = connect(&server);
+        assert_eq!(call(&mut c, Request::ping(2)).status(), Ok(()));
+    }
+
+    #[test]
+    fn error_log_warns_once_per_code() {
+        let mut log = ErrorLog::default();
+        let mut warned = 0;
+        for _ in 0..3 {
+            log.record(ErrorCode::Io, || warned += 1);
+        }
+        log.record(ErrorCode::InvalidArgument, || warned += 1);
+        assert_eq!((warned, log.repeated), (2, 2));
+    }
+}
