@@ -2,6 +2,7 @@
 
 mod engine;
 mod replica;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,9 @@ enum Command {
     /// Engine process: serves one volume over NBD, mirrored to its replicas; and its control.
     #[command(subcommand)]
     Engine(engine::EngineCommand),
+    /// The data path on this machine: replicas and an engine exporting a volume over NBD on
+    /// 127.0.0.1; Ctrl-C stops it, running it again resumes the same volume.
+    Up(up::UpArgs),
 }
 
 impl Cli {
@@ -31,6 +35,7 @@ impl Cli {
         match self.command {
             Command::Replica(cmd) => cmd.run().await,
             Command::Engine(cmd) => cmd.run().await,
+            Command::Up(args) => args.run().await,
         }
     }
 }
