@@ -142,12 +142,10 @@ impl DataServer {
         let Some(accept_thread) = self.accept_thread.take() else {
             return;
         };
-        let conns = {
-            let mut reg = self.shared.registry();
-            reg.stopping = true;
-            std::mem::take(&mut reg.conns)
-        };
-        // Wake the accept thread, blocked in accept(), with a connection to itself.
+        // From here on no connection is registered.
+        self.shared.registry().stopping = true;
+        // Wake the accept thread, blocked in accept(), with a connection to itself, and
+        // wait for it: a connection it was registering then has its thread handle set.
         let wake_ip = match self.local_addr.ip() {
             ip if !ip.is_unspecified() => ip,
             std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
@@ -168,6 +166,7 @@ impl DataServer {
                 "cannot wake the data accept thread; leaving it behind"
             ),
         }
+        let conns = std::mem::take(&mut self.shared.registry().conns);
         let count = conns.len();
         for entry in conns.values() {
             let _ = entry.stream.shutdown(Shutdown::Both);
