@@ -17,11 +17,15 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging();
     raise_nofile_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ironhorn-rt")
-        .build()
-    {
+    // The engine's data path is one chain of tasks per request (NBD connection, replica
+    // writer and reader tasks); on one thread their wake-ups stay on-CPU (DESIGN.md §8),
+    // and the replicas run on the other cores.
+    let mut builder = if cli.single_threaded() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().thread_name("ironhorn-rt").build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");

@@ -29,6 +29,11 @@ pub enum EngineCommand {
 }
 
 impl EngineCommand {
+    /// Whether this is `engine serve`.
+    pub fn is_serve(&self) -> bool {
+        matches!(self, EngineCommand::Serve(_))
+    }
+
     /// Runs the subcommand.
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
@@ -109,12 +114,22 @@ impl ServeArgs {
         let mut tasks = Vec::new();
         for l in &listens {
             let listener = l.bind().await.with_context(|| format!("bind {l}"))?;
-            frontends.push(l.client_uri(&self.volume));
+            // With port 0 the clients need the port the listener actually got.
+            let bound = match (l, &listener) {
+                (NbdListen::Tcp { host, .. }, NbdListener::Tcp(t)) => NbdListen::Tcp {
+                    host: host.clone(),
+                    port: t.local_addr().context("NBD listener address")?.port(),
+                },
+                _ => l.clone(),
+            };
+            frontends.push(bound.client_uri(&self.volume));
             let export = export.clone();
             let shutdown = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 match listener {
-                    NbdListener::Tcp(t) => ironhorn_engine::nbd::serve_tcp(t, export, shutdown).await,
+                    NbdListener::Tcp(t) => {
+                        ironhorn_engine::nbd::serve_tcp(t, export, shutdown).await
+                    }
                     NbdListener::Unix(u) => {
                         ironhorn_engine::nbd::serve_unix(u, export, shutdown).await
                     }
@@ -127,8 +142,8 @@ impl ServeArgs {
         let control_addr = grpc_listener.local_addr()?;
         tracing::info!(volume = %self.volume, control = %control_addr, frontends = ?frontends, "engine serving");
         let service = EngineService::new(volume.clone(), frontends);
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
-            .with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .add_service(service.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
@@ -339,7 +354,11 @@ impl CtlArgs {
         let status = |s: tonic::Status| anyhow::anyhow!("{} ({:?})", s.message(), s.code());
         match self.command {
             CtlCommand::Info => {
-                let i = c.info(pb::EngineInfoRequest {}).await.map_err(status)?.into_inner();
+                let i = c
+                    .info(pb::EngineInfoRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
                 if json {
                     println!("{}", info_json(&i));
                 } else {

@@ -30,6 +30,11 @@ enum Command {
 }
 
 impl Cli {
+    /// Whether the command runs best on a single-threaded runtime (the engine's data path).
+    pub fn single_threaded(&self) -> bool {
+        matches!(&self.command, Command::Engine(e) if e.is_serve())
+    }
+
     /// Runs the chosen subcommand to completion.
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
