@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // Printed rather than logged: visible whatever RUST_LOG says, and only once.
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
