@@ -246,7 +246,11 @@ fn check<D: BlockDevice>(dev: &D, ctx: Ctx, h: &RequestHeader) -> Result<(), (u3
     }
     match h.offset.checked_add(u64::from(h.length)) {
         Some(end) if end <= dev.size() => Ok(()),
-        _ if writes => Err((NBD_ENOSPC, "beyond the end of the device")),
+        // ENOSPC for data that cannot be stored (the spec's advice for writes); a trim or
+        // read past the end is just an invalid range.
+        _ if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) => {
+            Err((NBD_ENOSPC, "beyond the end of the device"))
+        }
         _ => Err((NBD_EINVAL, "beyond the end of the device")),
     }
 }
