@@ -201,7 +201,7 @@ impl Store {
         }
         let head = 1;
         // A leftover file from an interrupted create is not data of any replica.
-        let _ = std::fs::remove_file(meta::layer_path(dir, head));
+        let _ = crate::layer_file::remove_layer_files(&meta::layer_path(dir, head));
         LayerFile::create(&meta::layer_path(dir, head))?;
         let meta = Meta {
             format: META_FORMAT,
@@ -586,7 +586,7 @@ impl Store {
         m.head = new;
         m.next_id = new + 1;
         if let Err(e) = meta::sync_dir(&self.dir).and_then(|()| m.save(&self.dir)) {
-            let _ = std::fs::remove_file(&path);
+            let _ = crate::layer_file::remove_layer_files(&path);
             return Err(e);
         }
         inner.meta = m;
@@ -721,7 +721,7 @@ impl Store {
         drop(inner);
         self.forget_sums(id);
         let p = meta::layer_path(&self.dir, id);
-        std::fs::remove_file(&p).map_err(|e| StoreError::io("remove layer", &p, e))
+        crate::layer_file::remove_layer_files(&p)
     }
 
     fn merge_into_child(&self, id: LayerId, child: LayerId) -> Result<()> {
@@ -782,7 +782,7 @@ impl Store {
         drop(inner);
         self.forget_sums(id);
         let p = meta::layer_path(&self.dir, id);
-        std::fs::remove_file(&p).map_err(|e| StoreError::io("remove layer", &p, e))?;
+        crate::layer_file::remove_layer_files(&p)?;
         crate::failpoint!("purge::after_commit");
         Ok(())
     }
@@ -817,7 +817,7 @@ impl Store {
         m.next_id = new + 1;
         crate::failpoint!("revert::before_save");
         if let Err(e) = meta::sync_dir(&self.dir).and_then(|()| m.save(&self.dir)) {
-            let _ = std::fs::remove_file(&path);
+            let _ = crate::layer_file::remove_layer_files(&path);
             return Err(e);
         }
         inner.meta = m;
@@ -833,7 +833,7 @@ impl Store {
         }
         drop(inner);
         let p = meta::layer_path(&self.dir, old);
-        std::fs::remove_file(&p).map_err(|e| StoreError::io("remove old head", &p, e))?;
+        crate::layer_file::remove_layer_files(&p)?;
         info!(snapshot = name, "reverted");
         Ok(())
     }
@@ -972,7 +972,7 @@ impl Store {
         m.next_id = new + 1;
         m.rebuilding = true;
         if let Err(e) = meta::sync_dir(&self.dir).and_then(|()| m.save(&self.dir)) {
-            let _ = std::fs::remove_file(&path);
+            let _ = crate::layer_file::remove_layer_files(&path);
             return Err(e);
         }
         inner.meta = m;
@@ -989,7 +989,7 @@ impl Store {
         }
         drop(inner);
         let p = meta::layer_path(&self.dir, old);
-        std::fs::remove_file(&p).map_err(|e| StoreError::io("remove old head", &p, e))?;
+        crate::layer_file::remove_layer_files(&p)?;
         info!(dir = %self.dir.display(), "rebuild started: head discarded");
         Ok(())
     }
@@ -1182,7 +1182,7 @@ impl Store {
         for id in stale {
             self.forget_sums(id);
             let p = meta::layer_path(&self.dir, id);
-            std::fs::remove_file(&p).map_err(|e| StoreError::io("remove stale layer", &p, e))?;
+            crate::layer_file::remove_layer_files(&p)?;
         }
         Ok(())
     }
@@ -1202,5 +1202,34 @@ impl Store {
         m.save(&self.dir)?;
         inner.meta = m;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_16_tib_volume_holds_its_last_block_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 16u64 << 40;
+        let s = Store::create(dir.path(), size).unwrap();
+        s.write(0, &[1u8; 4096]).unwrap();
+        s.write(size - 4096, &[2u8; 4096]).unwrap();
+        s.write(size - 512, &[3u8; 512]).unwrap();
+        s.snapshot("s1", BTreeMap::new()).unwrap();
+        s.write(size - 1024, &[4u8; 512]).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        let mut b = vec![0u8; 4096];
+        s.read(size - 4096, &mut b).unwrap();
+        assert_eq!(&b[..3072], &[2u8; 3072][..]);
+        assert_eq!(&b[3072..3584], &[4u8; 512][..]);
+        assert_eq!(&b[3584..], &[3u8; 512][..]);
+        s.read(0, &mut b).unwrap();
+        assert_eq!(b, vec![1u8; 4096]);
+        assert!(s.read(size, &mut b).is_err());
     }
 }
