@@ -27,7 +27,7 @@ use tokio::sync::RwLock;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::device::{BlockDevice, DeviceError, DeviceResult};
+use crate::device::{BlockDevice, DeviceError, DeviceResult, Extent};
 use crate::error::EngineError;
 use crate::replica_client::{ReplicaDataClient, ReplicaIoError};
 
@@ -937,5 +937,44 @@ impl BlockDevice for Volume {
 
     async fn flush(&self) -> DeviceResult<()> {
         self.mutate(|d| async move { d.flush().await }).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
+        // Asked of one RW replica's control service: every RW replica holds the same blocks.
+        let r = {
+            let members = self.members.read().await;
+            members.iter().find(|r| r.mode() == Mode::RW).cloned()
+        };
+        let Some(r) = r else {
+            return Err(DeviceError::EIO);
+        };
+        let mut c = r.control().map_err(|_| DeviceError::EIO)?;
+        let resp = tokio::time::timeout(
+            self.timeout,
+            c.block_status(rpb::BlockStatusRequest {
+                offset,
+                length: len,
+            }),
+        )
+        .await
+        .map_err(|_| DeviceError::EIO)?
+        .map_err(|s| {
+            warn!(replica = %r.address, error = %s, "block status failed");
+            DeviceError::EIO
+        })?
+        .into_inner();
+        let extents: Vec<Extent> = resp
+            .extents
+            .into_iter()
+            .map(|e| Extent {
+                length: e.length,
+                hole: e.hole,
+                zero: e.hole,
+            })
+            .collect();
+        if extents.is_empty() {
+            return Err(DeviceError::EIO);
+        }
+        Ok(extents)
     }
 }

@@ -549,6 +549,32 @@ impl Store {
         self.write_zeroes(offset, len)
     }
 
+    /// Allocation of `[offset, offset + len)` through the head's chain: consecutive
+    /// (length, hole) pieces, at most 1024 of them (so possibly covering less than `len`).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let inner = self.read_inner();
+        self.check_range(&inner, offset, len)?;
+        let mut segs = Vec::new();
+        inner.index().lookup(blocks_of(offset, len), &mut segs);
+        let end = offset + len;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for (blocks, layer) in segs {
+            let s = (blocks.start * BLOCK_SIZE).max(offset);
+            let e = (blocks.end * BLOCK_SIZE).min(end);
+            let hole = layer.is_none();
+            if let Some((l, h)) = out.last_mut()
+                && *h == hole
+            {
+                *l += e - s;
+            } else if out.len() == 1024 {
+                break;
+            } else {
+                out.push((e - s, hole));
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes every write acknowledged so far durable (fdatasync of the head).
     pub fn flush(&self) -> Result<()> {
         let head = self.read_inner().head.clone();

@@ -299,6 +299,22 @@ impl ReplicaControl for ControlService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn block_status(
+        &self,
+        request: Request<pb::BlockStatusRequest>,
+    ) -> Result<Response<pb::BlockStatusResponse>, Status> {
+        let req = request.into_inner();
+        let extents = self
+            .blocking(move |store| store.block_status(req.offset, req.length))
+            .await?;
+        Ok(Response::new(pb::BlockStatusResponse {
+            extents: extents
+                .into_iter()
+                .map(|(length, hole)| pb::Extent { length, hole })
+                .collect(),
+        }))
+    }
+
     type ReadLayerStream = ReceiverStream<Result<pb::LayerData, Status>>;
 
     async fn read_layer(
