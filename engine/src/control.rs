@@ -165,7 +165,7 @@ impl EngineControl for EngineService {
         request: Request<pb::ExpandVolumeRequest>,
     ) -> Result<Response<pb::EngineInfo>, Status> {
         let size = request.into_inner().size;
-        if size == 0 || size % 4096 != 0 {
+        if size == 0 || !size.is_multiple_of(4096) {
             return Err(Status::invalid_argument(format!(
                 "size {size} must be a positive multiple of 4096"
             )));

@@ -556,13 +556,17 @@ impl Volume {
         }
     }
 
+    /// Sends a control request to every replica in `modes`; the first goes alone, so that a
+    /// refused request (bad name, missing snapshot) changes nothing anywhere. Replicas that
+    /// fail are returned, not dropped: the caller drops them, under the exclusive lock.
+    #[allow(clippy::type_complexity)]
     async fn control_all<T, F, Fut>(
         &self,
         members: &[Arc<Replica>],
         modes: &[Mode],
         what: &'static str,
         f: F,
-    ) -> Result<Vec<T>, EngineError>
+    ) -> Result<(Vec<T>, Vec<(Arc<Replica>, String)>), EngineError>
     where
         F: Fn(ReplicaControlClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -582,14 +586,13 @@ impl Volume {
             .await
             .map_err(|_| EngineError::Timeout(first.address.clone(), what))?;
         let mut out = Vec::new();
+        let mut failed = Vec::new();
         match first_res {
             Ok(r) => out.push(r.into_inner()),
             Err(s) if is_request_status(&s) => return Err(status_err(&first.address, what, s)),
             Err(s) => {
                 let e = status_err(&first.address, what, s);
-                first.set_mode(Mode::ERR, e.to_string());
-                self.fence(members).await;
-                return Err(e);
+                failed.push((first.clone(), format!("{what} failed: {e}")));
             }
         }
         let rest = join_all(targets[1..].iter().map(|r| async {
@@ -600,21 +603,58 @@ impl Volume {
                 .map_err(|s| status_err(&r.address, what, s))
         }))
         .await;
-        let mut dropped = false;
         for (r, res) in targets[1..].iter().zip(rest) {
             match res {
                 Ok(v) => out.push(v.into_inner()),
-                Err(e) => {
-                    error!(volume = %self.name, replica = %r.address, error = %e, "{what} failed; dropping replica");
-                    r.set_mode(Mode::ERR, format!("{what} failed: {e}"));
-                    dropped = true;
-                }
+                Err(e) => failed.push((r.clone(), format!("{what} failed: {e}"))),
             }
         }
-        if dropped {
-            self.fence(members).await;
+        if out.is_empty() {
+            return Err(EngineError::NoHealthyReplica(format!(
+                "{what} failed on every replica: {}",
+                failed
+                    .iter()
+                    .map(|(r, e)| format!("{}: {e}", r.address))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
         }
-        Ok(out)
+        Ok((out, failed))
+    }
+
+    /// Marks `failed` ERR and fences, for a caller that holds the membership lock exclusive.
+    async fn drop_locked(&self, members: &[Arc<Replica>], failed: Vec<(Arc<Replica>, String)>) {
+        if failed.is_empty() {
+            return;
+        }
+        for (r, why) in failed {
+            error!(volume = %self.name, replica = %r.address, reason = %why, "dropping replica");
+            r.set_mode(Mode::ERR, why);
+        }
+        self.fence(members).await;
+    }
+
+    /// [`Volume::control_all`] under the exclusive lock: failed replicas are dropped at once.
+    async fn control_all_locked<T, F, Fut>(
+        &self,
+        members: &[Arc<Replica>],
+        what: &'static str,
+        f: F,
+    ) -> Result<Vec<T>, EngineError>
+    where
+        F: Fn(ReplicaControlClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let res = self
+            .control_all(members, &[Mode::RW, Mode::WO], what, f)
+            .await;
+        match res {
+            Ok((out, failed)) => {
+                self.drop_locked(members, failed).await;
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn check_not_rebuilding(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, EngineError> {
@@ -647,7 +687,7 @@ impl Volume {
         labels: BTreeMap<String, String>,
     ) -> Result<(), EngineError> {
         let labels: std::collections::HashMap<_, _> = labels.into_iter().collect();
-        self.control_all(members, &[Mode::RW, Mode::WO], "snapshot", |mut c| {
+        self.control_all_locked(members, "snapshot", |mut c| {
             let req = CreateSnapshotRequest {
                 name: name.to_owned(),
                 labels: labels.clone(),
@@ -691,18 +731,25 @@ impl Volume {
     /// Removes a snapshot on every replica: marks it, then purges (merges it into its child).
     pub async fn remove_snapshot(&self, name: &str) -> Result<(), EngineError> {
         let _quiet = self.check_not_rebuilding()?;
+        {
+            let members = self.members.write().await;
+            self.control_all_locked(&members, "remove snapshot", |mut c| {
+                let req = RemoveSnapshotRequest {
+                    name: name.to_owned(),
+                };
+                async move { c.remove_snapshot(req).await }
+            })
+            .await?;
+        }
+        // The merge copies data while I/O goes on: shared lock; failures dropped after.
         let members = self.members.read().await;
-        self.control_all(&members, &[Mode::RW, Mode::WO], "remove snapshot", |mut c| {
-            let req = RemoveSnapshotRequest {
-                name: name.to_owned(),
-            };
-            async move { c.remove_snapshot(req).await }
-        })
-        .await?;
-        self.control_all(&members, &[Mode::RW, Mode::WO], "purge", |mut c| async move {
-            c.purge(PurgeRequest {}).await
-        })
-        .await?;
+        let (_, failed) = self
+            .control_all(&members, &[Mode::RW, Mode::WO], "purge", |mut c| async move {
+                c.purge(PurgeRequest {}).await
+            })
+            .await?;
+        drop(members);
+        self.drop_replicas(failed).await;
         Ok(())
     }
 
@@ -710,7 +757,7 @@ impl Volume {
     pub async fn revert(&self, name: &str) -> Result<(), EngineError> {
         let _quiet = self.check_not_rebuilding()?;
         let members = self.members.write().await;
-        self.control_all(&members, &[Mode::RW, Mode::WO], "revert", |mut c| {
+        self.control_all_locked(&members, "revert", |mut c| {
             let req = RevertRequest {
                 name: name.to_owned(),
             };
@@ -731,7 +778,7 @@ impl Volume {
                 self.size_bytes()
             )));
         }
-        self.control_all(&members, &[Mode::RW, Mode::WO], "expand", |mut c| async move {
+        self.control_all_locked(&members, "expand", |mut c| async move {
             c.expand(ExpandRequest { size }).await
         })
         .await?;

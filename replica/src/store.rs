@@ -149,7 +149,7 @@ fn validate_size(size: u64) -> Result<()> {
     if size == 0 {
         return bad("must be greater than zero");
     }
-    if size % BLOCK_SIZE != 0 {
+    if !size.is_multiple_of(BLOCK_SIZE) {
         return bad("must be a multiple of 4096");
     }
     if size > MAX_VOLUME_SIZE {
@@ -347,8 +347,8 @@ impl Store {
 
     fn check_range(&self, inner: &Inner, offset: u64, length: u64) -> Result<()> {
         let size = inner.meta.size;
-        let ok = offset % SECTOR_SIZE == 0
-            && length % SECTOR_SIZE == 0
+        let ok = offset.is_multiple_of(SECTOR_SIZE)
+            && length.is_multiple_of(SECTOR_SIZE)
             && offset
                 .checked_add(length)
                 .is_some_and(|end| end <= size);
@@ -405,7 +405,7 @@ impl Store {
             let block = pos / BLOCK_SIZE;
             let block_end = (block + 1) * BLOCK_SIZE;
             let slice = |s: u64, e: u64| &data[(s - offset) as usize..(e - offset) as usize];
-            if pos % BLOCK_SIZE != 0 || end < block_end {
+            if !pos.is_multiple_of(BLOCK_SIZE) || end < block_end {
                 // A partial block.
                 let e = end.min(block_end);
                 self.write_partial(inner, block, pos, slice(pos, e))?;
@@ -773,7 +773,7 @@ impl Store {
                     let idx = inner.index();
                     match idx.layers.get(&child) {
                         Some(set) => set.gaps(&(b..e)).collect(),
-                        None => vec![b..e],
+                        None => std::iter::once(b..e).collect(),
                     }
                 };
                 for m in missing {
@@ -1084,8 +1084,8 @@ impl Store {
         for (off, data) in runs {
             let len = data.len() as u64;
             let blocks = blocks_of(*off, len);
-            if off % BLOCK_SIZE != 0
-                || len % BLOCK_SIZE != 0
+            if !off.is_multiple_of(BLOCK_SIZE)
+                || !len.is_multiple_of(BLOCK_SIZE)
                 || blocks.start < range.start
                 || blocks.end > range.end
             {
