@@ -27,7 +27,7 @@
 //! then the replicas, then removes the temporary directory. Every wait has a timeout, so a
 //! stuck process fails a test instead of hanging the run.
 //!
-//! Each process's log (stderr, `RUST_LOG=info` unless set) is forwarded, prefixed with its
+//! Each process's log (stderr; `RUST_LOG` as set, default `info`) is forwarded, prefixed with its
 //! name, to the test's output (shown when a test fails) and kept for [`Process::logs`].
 
 #![allow(dead_code)]
@@ -210,6 +210,12 @@ pub fn run_ok(cmd: &mut Command, secs: u64) -> CmdOutput {
     out
 }
 
+/// [`run_with_timeout`] on a thread, for I/O that must run while the test injects faults;
+/// `join()` the handle for the output.
+pub fn run_in_background(mut cmd: Command, secs: u64) -> thread::JoinHandle<CmdOutput> {
+    thread::spawn(move || run_with_timeout(&mut cmd, secs))
+}
+
 /// Reads a pipe to its end on a thread; the bytes arrive on the returned channel.
 fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = mpsc::channel();
@@ -352,9 +358,12 @@ impl Process {
         cmd: &mut Command,
         mut ready: impl FnMut(&str) -> Option<T>,
     ) -> Result<(Process, T), StartError> {
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
+        // The start-up lines are logged at info; keep them whatever RUST_LOG says.
+        let base = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+        cmd.env(
+            "RUST_LOG",
+            format!("{base},ironhorn::cli::engine=info,ironhorn_replica::server=info"),
+        );
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1095,6 +1104,11 @@ impl Cluster {
     /// The engine's `nbd+unix:///VOLUME?socket=PATH`.
     pub fn unix_uri(&self) -> String {
         self.engine.unix_uri()
+    }
+
+    /// Control addresses of all replicas, in order.
+    pub fn replica_addresses(&self) -> Vec<String> {
+        self.replicas.iter().map(Replica::address).collect()
     }
 
     /// `engine ctl --json ARGS...` against the cluster's engine.
