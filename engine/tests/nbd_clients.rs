@@ -543,7 +543,9 @@ fn fio_randwrite_verifies() {
         return;
     }
     let srv = Server::tcp("vol", 16 * MIB);
-    let out = run_ok(Command::new("fio").args([
+    // fio writes state files into its working directory: keep them out of the tree.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_ok(Command::new("fio").current_dir(dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", srv.uri("vol")),
@@ -554,6 +556,7 @@ fn fio_randwrite_verifies() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     ]));
     let start = out.find('{').expect("fio json");
