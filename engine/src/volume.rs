@@ -35,6 +35,8 @@ use crate::replica_client::{ReplicaDataClient, ReplicaIoError};
 pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default data connections per replica.
 pub const DEFAULT_CONNS_PER_REPLICA: usize = 2;
+/// How often a running rebuild checks that its source and target are still in the volume.
+const REBUILD_WATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// Label put on snapshots the engine takes for its own use (rebuild).
 pub const SYSTEM_LABEL: &str = "ironhorn.io/system";
 
@@ -886,8 +888,18 @@ impl Volume {
 
     async fn rebuild(&self, r: &Arc<Replica>, source: &Arc<Replica>) -> Result<(), EngineError> {
         info!(source = %source.address, "rebuild started");
-        self.sync_replica(r, source, false).await?;
-        self.verify(r, source).await?;
+        // The sync and the verification wait on both replicas with no deadline (copying a
+        // layer takes as long as it takes). If either is dropped meanwhile (a hung replica
+        // times out on live I/O), give up at once: waiting could last forever and would hold
+        // the rebuild lock, refusing every snapshot and `add` until then.
+        let copy = async {
+            self.sync_replica(r, source, false).await?;
+            self.verify(r, source).await
+        };
+        tokio::select! {
+            res = copy => res?,
+            why = Self::left_rebuild(r, source) => return Err(EngineError::Invalid(why)),
+        }
         let mut members = self.members.write().await;
         if r.mode() != Mode::WO {
             return Err(EngineError::Invalid("replica left WO during the rebuild".into()));
@@ -901,6 +913,23 @@ impl Volume {
         self.fence(&members).await;
         members.sort_by_key(|m| m.mode() != Mode::RW);
         Ok(())
+    }
+
+    /// Returns (why) once the rebuilt replica is no longer WO or its source no longer RW.
+    async fn left_rebuild(r: &Replica, source: &Replica) -> String {
+        loop {
+            if r.mode() != Mode::WO {
+                return format!("replica left WO during the rebuild: {}", r.status().message);
+            }
+            if source.mode() != Mode::RW {
+                return format!(
+                    "source {} left RW during the rebuild: {}",
+                    source.address,
+                    source.status().message
+                );
+            }
+            tokio::time::sleep(REBUILD_WATCH_INTERVAL).await;
+        }
     }
 
     /// Compares the checksums of every snapshot on the source's chain with the target's.

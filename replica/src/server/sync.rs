@@ -232,7 +232,14 @@ impl ReplicaSync for SyncService {
         let span = info_span!("sync", source = %req.source, include_head = req.include_head);
         tokio::spawn(
             async move {
-                if let Err(e) = run_sync(store, req.source, req.include_head, tx.clone()).await {
+                // Stop as soon as the engine stops listening (it gave up on this rebuild):
+                // a sync left running, e.g. blocked on a hung peer, could otherwise wake up
+                // later and import into, or finish, the layers of a newer rebuild.
+                let result = tokio::select! {
+                    r = run_sync(store, req.source, req.include_head, tx.clone()) => r,
+                    () = tx.closed() => Err(Status::cancelled("the engine abandoned the sync")),
+                };
+                if let Err(e) = result {
                     warn!(error = %e, "sync failed");
                     let _ = tx.send(Err(e)).await;
                 }
