@@ -133,7 +133,7 @@ impl Model {
     /// A name to act on: mostly an existing snapshot, sometimes a purged one or the head.
     fn pick(&self, pick: usize) -> String {
         let existing: Vec<&String> = self.snaps.keys().collect();
-        if pick % 5 != 0 && !existing.is_empty() {
+        if !pick.is_multiple_of(5) && !existing.is_empty() {
             return existing[(pick / 5) % existing.len()].clone();
         }
         let n = self.all_names.len() + 1;

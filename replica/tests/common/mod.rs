@@ -106,6 +106,7 @@ pub fn sums_from_chunks(store: &Store, layer: &str, size: u64) -> Vec<(u64, u32)
 pub fn assert_no_leftovers(dir: &Path, store: &Store) {
     let mut imgs = Vec::new();
     let mut crcs = Vec::new();
+    let mut segs = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let name = e.unwrap().file_name().into_string().unwrap();
         if name == "replica.json" {
@@ -117,6 +118,14 @@ pub fn assert_no_leftovers(dir: &Path, store: &Store) {
             .and_then(|(id, ext)| Some((id.parse::<u64>().ok()?, ext)));
         match id {
             Some((id, "img")) => imgs.push(id),
+            // A further segment of a layer past 8 TiB.
+            Some((id, seg))
+                if seg
+                    .strip_prefix("img.")
+                    .is_some_and(|k| k.parse::<u32>().is_ok()) =>
+            {
+                segs.push(id)
+            }
             Some((id, "crc")) => crcs.push(id),
             _ => panic!("unexpected file {name} in the replica directory"),
         }
@@ -130,6 +139,12 @@ pub fn assert_no_leftovers(dir: &Path, store: &Store) {
         assert!(
             imgs.contains(&c),
             "checksum file of layer {c}, which has no data file"
+        );
+    }
+    for c in segs {
+        assert!(
+            imgs.contains(&c),
+            "segment file of layer {c}, which has no first file"
         );
     }
 }
