@@ -1009,3 +1009,54 @@ fn rebuild_gives_up_when_its_source_hangs() {
     a.verify_only().run_ok(&uri, &dir);
     c.assert_replicas_identical(&[0, 1, 2]);
 }
+
+/// Regression: one large NBD WRITE_ZEROES (or TRIM) over data held by a snapshot. Each
+/// replica has to write zeros over all of it (older data must not show through), which
+/// takes time in proportion to the length; sent as one replica request, it outlasted the
+/// replica timeout on every replica at once and faulted the volume. The engine now cuts
+/// such requests into bounded pieces.
+#[test]
+fn large_write_zeroes_over_a_snapshot_keeps_the_replicas() {
+    const BIG: u64 = 128 * MIB;
+    let mut c = Cluster::start_with(
+        3,
+        BIG,
+        ClusterOptions {
+            replica_timeout: Some(Duration::from_millis(500)),
+            ..ClusterOptions::default()
+        },
+    );
+    let dir = c.dir().to_owned();
+    let uri = c.uri();
+    let mut fill = Fio::region("fill", 0, BIG, 91);
+    fill.rw = "write";
+    fill.bs = "1m-1m";
+    fill.iodepth = 4;
+    fill.run_ok(&uri, &dir);
+    c.ctl_json(&["snapshot", "create", "below"]);
+
+    const NBD_CMD_WRITE_ZEROES: u16 = 6;
+    const NBD_CMD_TRIM: u16 = 4;
+    let mut n = RawNbd::open(c.engine.nbd_port, "vol").unwrap();
+    let started = Instant::now();
+    n.request(NBD_CMD_WRITE_ZEROES, 0, 1, 0, (BIG - 32 * MIB) as u32)
+        .unwrap();
+    assert_eq!(n.checked_reply(1).unwrap(), 0, "write zeroes failed");
+    n.request(NBD_CMD_TRIM, 0, 2, BIG - 32 * MIB, (32 * MIB) as u32)
+        .unwrap();
+    assert_eq!(n.checked_reply(2).unwrap(), 0, "trim failed");
+    eprintln!(
+        "zeroed {BIG} bytes over a snapshot in {:?}",
+        started.elapsed()
+    );
+    assert_modes(&c.ctl_json(&["info"]), &[], "healthy");
+    for at in [0, BIG / 2, BIG - 4096] {
+        assert_eq!(
+            n.read(3, at, 4096).unwrap().unwrap(),
+            vec![0; 4096],
+            "zeroed block at {at} reads back"
+        );
+    }
+    drop(n);
+    c.assert_replicas_identical(&[0, 1, 2]);
+}

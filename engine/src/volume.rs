@@ -35,6 +35,10 @@ use crate::replica_client::{ReplicaDataClient, ReplicaIoError};
 pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default data connections per replica.
 pub const DEFAULT_CONNS_PER_REPLICA: usize = 2;
+/// Largest range one write-zeroes or discard request to a replica covers; longer ones are
+/// sent in pieces. Zeroing 8 MiB over older data takes tens of ms even on a slow disk, far
+/// below any sensible replica timeout.
+pub const MAX_ZERO_PIECE: u64 = 8 << 20;
 /// How often a running rebuild checks that its source and target are still in the volume.
 const REBUILD_WATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// Label put on snapshots the engine takes for its own use (rebuild).
@@ -524,6 +528,29 @@ impl Volume {
         }
     }
 
+    /// Zeroes (or discards) `[offset, offset + len)` in pieces of at most
+    /// [`MAX_ZERO_PIECE`]: a replica zeroing over older layers writes every byte, so one
+    /// request for the whole range could outlast the replica timeout on every replica at
+    /// once and fault the volume.
+    async fn zero_in_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        discard: bool,
+        fua: bool,
+    ) -> DeviceResult<()> {
+        let end = offset.checked_add(len).ok_or(DeviceError::EINVAL)?;
+        let mut at = offset;
+        while at < end {
+            // At most MAX_ZERO_PIECE, which fits in a u32.
+            let n = (end - at).min(MAX_ZERO_PIECE) as u32;
+            self.mutate(|d| async move { d.zero(at, n, discard, fua).await })
+                .await?;
+            at += u64::from(n);
+        }
+        Ok(())
+    }
+
     /// Current size in bytes.
     pub fn size_bytes(&self) -> u64 {
         self.size.load(Ordering::Acquire)
@@ -1000,15 +1027,11 @@ impl BlockDevice for Volume {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> DeviceResult<()> {
-        let len = u32::try_from(len).map_err(|_| DeviceError::EINVAL)?;
-        self.mutate(|d| async move { d.zero(offset, len, false, fua).await })
-            .await
+        self.zero_in_pieces(offset, len, false, fua).await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> DeviceResult<()> {
-        let len = u32::try_from(len).map_err(|_| DeviceError::EINVAL)?;
-        self.mutate(|d| async move { d.zero(offset, len, true, fua).await })
-            .await
+        self.zero_in_pieces(offset, len, true, fua).await
     }
 
     async fn flush(&self) -> DeviceResult<()> {
