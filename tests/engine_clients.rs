@@ -313,7 +313,7 @@ fn nbdcopy_round_trip_over_tcp_and_unix_socket() {
         nbdcopy(&uri, path_str(&out));
         let got = std::fs::read(&out).unwrap();
         assert_eq!(got.len(), expected.len(), "{name}");
-        if let Some(i) = got.iter().zip(&expected).position(|(x, y)| x != y) {
+        if let Some(i) = first_difference_in(&got, &expected) {
             panic!("{name}: first difference at byte {i}");
         }
     }
@@ -326,8 +326,18 @@ fn nbdcopy_round_trip_over_tcp_and_unix_socket() {
     let out = c.path("out-b.bin");
     nbdcopy(&c.uri(), path_str(&out));
     let got = std::fs::read(&out).unwrap();
-    assert!(got[..data_len] == b[..], "B did not read back");
-    assert!(got[data_len..].iter().all(|&x| x == 0), "tail not zero");
+    assert_eq!(got.len(), SIZE as usize);
+    assert_eq!(
+        first_difference_in(&got[..data_len], &b),
+        None,
+        "B reads back"
+    );
+    let zeros = vec![0u8; got.len() - data_len];
+    assert_eq!(
+        first_difference_in(&got[data_len..], &zeros),
+        None,
+        "tail is zeros"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -729,7 +739,7 @@ fn replicas_are_identical_after_mixed_writes() {
     let image = c.assert_replicas_identical(&[0, 1, 2]);
     let got = std::fs::read(&image).unwrap();
     assert_eq!(got.len(), expected.len());
-    if let Some(i) = got.iter().zip(&expected).position(|(x, y)| x != y) {
+    if let Some(i) = first_difference_in(&got, &expected) {
         panic!("replica image differs from what was written at byte {i}");
     }
 

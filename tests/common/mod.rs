@@ -287,6 +287,24 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Index of the first byte where `a` and `b` differ (a length difference counts at the end
+/// of the shorter one), or `None` when they are equal. Compares 64 KiB slices at a time
+/// (memcmp), so it is fast in debug builds too.
+pub fn first_difference_in(a: &[u8], b: &[u8]) -> Option<usize> {
+    const CHUNK: usize = 64 << 10;
+    let n = a.len().min(b.len());
+    let mut at = 0;
+    while at < n {
+        let end = (at + CHUNK).min(n);
+        if a[at..end] != b[at..end] {
+            let i = a[at..end].iter().zip(&b[at..end]).position(|(x, y)| x != y);
+            return i.map(|i| at + i);
+        }
+        at = end;
+    }
+    (a.len() != b.len()).then_some(n)
+}
+
 /// Offset of the first byte where the files differ (a length difference counts at the end
 /// of the shorter one), or `None` when they are equal. Panics if one cannot be read.
 pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
@@ -311,7 +329,7 @@ pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
             };
         }
         let n = ba.len().min(bb.len());
-        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+        if let Some(i) = first_difference_in(&ba[..n], &bb[..n]) {
             return Some(offset + i as u64);
         }
         fa.consume(n);
