@@ -758,8 +758,6 @@ fn replicas_are_identical_after_mixed_writes() {
 /// between RW replicas) would flip between values with no write in between. One run shows
 /// the divergence most of the time; up to four runs make the check reliable.
 #[test]
-#[ignore = "known bug: the engine does not order overlapping in-flight writes, so replicas \
-            apply them in different orders and diverge (run with --ignored to reproduce)"]
 fn overlapping_in_flight_writes_leave_replicas_identical() {
     let mut c = Cluster::start(3, 4 * MIB);
     for attempt in 0..4 {

@@ -7,9 +7,11 @@
 //!   snapshots, rebuild.
 //! - [`control`]: the `EngineControl` gRPC service.
 //! - [`error`]: errors of control operations.
+//! - [`inflight`]: ordering of overlapping in-flight writes.
 
 pub mod device;
 pub mod error;
+pub mod inflight;
 pub mod nbd;
 pub mod control;
 pub mod replica_client;

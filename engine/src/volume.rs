@@ -29,6 +29,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::device::{BlockDevice, DeviceError, DeviceResult, Extent};
 use crate::error::EngineError;
+use crate::inflight::InFlight;
 use crate::replica_client::{ReplicaDataClient, ReplicaIoError};
 
 /// Default time a replica has to answer one request before it is dropped.
@@ -210,6 +211,7 @@ pub struct Volume {
     conns: usize,
     read_rr: AtomicUsize,
     rebuilding: Arc<tokio::sync::Mutex<()>>,
+    inflight: InFlight,
 }
 
 async fn connect_control(
@@ -297,6 +299,7 @@ impl Volume {
             conns: config.conns_per_replica,
             read_rr: AtomicUsize::new(0),
             rebuilding: Arc::new(tokio::sync::Mutex::new(())),
+            inflight: InFlight::default(),
         };
         let probes = join_all(config.replicas.iter().map(|a| vol.probe(a))).await;
         let mut members = Vec::new();
@@ -544,6 +547,7 @@ impl Volume {
         while at < end {
             // At most MAX_ZERO_PIECE, which fits in a u32.
             let n = (end - at).min(MAX_ZERO_PIECE) as u32;
+            let _order = self.inflight.acquire(at, u64::from(n)).await;
             self.mutate(|d| async move { d.zero(at, n, discard, fua).await })
                 .await?;
             at += u64::from(n);
@@ -1019,6 +1023,7 @@ impl BlockDevice for Volume {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
+        let _order = self.inflight.acquire(offset, data.len() as u64).await;
         self.mutate(|d| {
             let data = data.clone();
             async move { d.write(offset, data, fua).await }
