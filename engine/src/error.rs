@@ -13,7 +13,7 @@ pub enum EngineError {
     #[error("replica {0} did not answer {1} in time")]
     Timeout(String, &'static str),
     /// A replica refused or failed a control request.
-    #[error("replica {address}: {op}: {message} ({code:?})")]
+    #[error("replica {address}: {op}: {message}")]
     Replica {
         /// Control address.
         address: String,
