@@ -9,6 +9,8 @@
 //! changes (snapshot, revert, purge steps, expand) hold it exclusive, so they happen between
 //! whole requests. The index inside has its own short mutex. `rmw` serialises the
 //! read-modify-write of partial blocks; `ctl` serialises control operations with each other.
+//! `session` numbers data sessions (see [`Store::enter_session`]); it is taken before the
+//! others.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -99,6 +101,8 @@ pub struct Store {
     ctl: Mutex<()>,
     sums: Mutex<HashMap<LayerId, Arc<ChunkSums>>>,
     partial_map: Mutex<HashMap<u64, u8>>,
+    /// Current data session; [`Store::begin_rebuild`] starts a new one.
+    session: RwLock<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -265,6 +269,7 @@ impl Store {
             ctl: Mutex::new(()),
             sums: Mutex::new(HashMap::new()),
             partial_map: Mutex::new(HashMap::new()),
+            session: RwLock::new(0),
         })
     }
 
@@ -297,6 +302,22 @@ impl Store {
 
     fn write_inner(&self) -> RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current data session. A data connection notes it when it opens and runs each
+    /// request inside it with [`Store::enter_session`].
+    pub fn session(&self) -> u64 {
+        *self.session.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enters data session `session` for one request: while the guard lives,
+    /// [`Store::begin_rebuild`] waits. `None` when a rebuild has begun since that session
+    /// started: what a connection of an earlier session still sends (requests queued by an
+    /// engine that since dropped this replica) must not reach the rebuilt layers, where an
+    /// old write would shadow the newer data the rebuild copies below it.
+    pub fn enter_session(&self, session: u64) -> Option<RwLockReadGuard<'_, u64>> {
+        let guard = self.session.read().unwrap_or_else(|p| p.into_inner());
+        (*guard == session).then_some(guard)
     }
 
     /// The replica's directory.
@@ -977,7 +998,10 @@ impl Store {
     /// Starts a rebuild: the head is replaced by a new empty one with no parent (its data is
     /// stale), the replica is marked rebuilding, and partial-block writes are tracked until
     /// [`Store::finish_sync`]. Existing snapshots stay, detached, so a sync can reuse them.
+    /// A new data session starts: data connections opened before are refused from now on.
     pub fn begin_rebuild(&self) -> Result<()> {
+        let mut session = self.session.write().unwrap_or_else(|p| p.into_inner());
+        *session += 1;
         let _ctl = lock(&self.ctl);
         let mut inner = self.write_inner();
         let old = inner.head_id();
@@ -1257,5 +1281,16 @@ mod tests {
         s.read(0, &mut b).unwrap();
         assert_eq!(b, vec![1u8; 4096]);
         assert!(s.read(size, &mut b).is_err());
+    }
+
+    #[test]
+    fn a_rebuild_ends_the_data_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::create(dir.path(), 1 << 20).unwrap();
+        let old = s.session();
+        assert!(s.enter_session(old).is_some());
+        s.begin_rebuild().unwrap();
+        assert!(s.enter_session(old).is_none(), "the old session is over");
+        assert!(s.enter_session(s.session()).is_some());
     }
 }

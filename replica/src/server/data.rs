@@ -16,6 +16,10 @@
 //! naming the peer and the reason; a payload with a bad crc is answered
 //! [`ErrorCode::BadCrc`] and the connection goes on; a range the store refuses is answered
 //! [`ErrorCode::InvalidArgument`].
+//!
+//! Each connection belongs to the store's data session of the moment it was accepted; once a
+//! rebuild has begun ([`Store::begin_rebuild`](crate::store::Store::begin_rebuild)), a
+//! connection of an earlier session is closed at its next request, unanswered.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -202,6 +206,8 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 continue;
             }
         };
+        // The session the connection belongs to: from the moment it was accepted.
+        let session = shared.store.session();
         let mut reg = shared.registry();
         if reg.stopping {
             return;
@@ -236,7 +242,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         let spawned = std::thread::Builder::new()
             .name(format!("data-conn-{id}"))
             .spawn(move || {
-                serve_connection(stream, peer, &conn_shared);
+                serve_connection(stream, peer, session, &conn_shared);
                 conn_shared.registry().conns.remove(&id);
             });
         let mut reg = shared.registry();
@@ -257,7 +263,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
 }
 
 /// Serves one connection until it closes; logs why it closed.
-fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+fn serve_connection(stream: TcpStream, peer: SocketAddr, session: u64, shared: &Shared) {
     let dir = shared.config.dir.display().to_string();
     let span = tracing::info_span!("data_conn", %peer, dir = %dir);
     let _entered = span.enter();
@@ -277,6 +283,8 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         wbuf: BytesMut::with_capacity(MIN_READ),
         read_size: MIN_READ * 4,
         errors: ErrorLog::default(),
+        session,
+        stale: false,
     };
     let result = conn.run();
     conn.errors.summary();
@@ -284,6 +292,9 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         Ok(()) => tracing::debug!("data connection closed by peer"),
         Err(Close::Protocol(e)) => {
             tracing::warn!(reason = %e, "closing data connection: bad frame");
+        }
+        Err(Close::StaleSession) => {
+            tracing::warn!("closing data connection: it was opened before the replica's rebuild");
         }
         Err(Close::Io(e)) => match e.kind() {
             io::ErrorKind::ConnectionReset
@@ -301,6 +312,8 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
 enum Close {
     /// The byte stream cannot be trusted any more.
     Protocol(FrameError),
+    /// The connection belongs to a data session that a rebuild ended.
+    StaleSession,
     /// Reading or writing the socket failed.
     Io(io::Error),
 }
@@ -323,6 +336,10 @@ struct Connection<'a> {
     /// How much the next `read` asks for (adapts between `MIN_READ` and `MAX_READ`).
     read_size: usize,
     errors: ErrorLog,
+    /// The store's data session when the connection was accepted.
+    session: u64,
+    /// A request found the session ended: nothing more is served.
+    stale: bool,
 }
 
 impl Connection<'_> {
@@ -333,6 +350,11 @@ impl Connection<'_> {
                 match self.codec.decode(&mut self.rbuf) {
                     Ok(Some(item)) => {
                         self.handle(item);
+                        if self.stale {
+                            // Answer what ran before; drop the rest unanswered.
+                            let _ = self.send();
+                            return Err(Close::StaleSession);
+                        }
                         if self.wbuf.len() >= FLUSH_THRESHOLD {
                             self.send()?;
                         }
@@ -411,6 +433,10 @@ impl Connection<'_> {
             }
         };
         let store = self.store;
+        let Some(_session) = store.enter_session(self.session) else {
+            self.stale = true;
+            return;
+        };
         let (offset, length) = (req.offset(), u64::from(req.length()));
         let result = match req.op() {
             Op::Read => return self.read(&req),
