@@ -177,9 +177,14 @@ impl Fio {
     }
 
     fn run(&self, uri: &str, dir: &Path) -> FioResult {
-        let out = run_with_timeout(&mut self.command(uri, dir), FIO_SECS);
-        assert!(!out.timed_out, "fio {} hung: {out}", self.name);
-        parse_fio(out)
+        let r = self.run_for(uri, dir, FIO_SECS);
+        assert!(!r.out.timed_out, "fio {} hung: {}", self.name, r.out);
+        r
+    }
+
+    /// Runs for at most `secs`, then kills fio (its result then says `timed_out`).
+    fn run_for(&self, uri: &str, dir: &Path, secs: u64) -> FioResult {
+        parse_fio(run_with_timeout(&mut self.command(uri, dir), secs))
     }
 
     /// Runs and asserts [`FioResult::assert_verified`].
@@ -649,7 +654,12 @@ fn engine_killed_mid_write_restarts_and_reconciles() {
     let b = Fio::region("b", 32 * MIB, 16 * MIB, 42)
         .rate("4m")
         .arg("--do_verify=0");
-    let fio = b.spawn(&c.uri(), &dir);
+    // fio's nbd engine may spin forever (ignoring SIGTERM) once its server is gone: it is
+    // only load here, so it gets a deadline and SIGKILL.
+    let fio = {
+        let (b, uri, dir) = (b.clone(), c.uri(), dir.clone());
+        thread::spawn(move || b.run_for(&uri, &dir, 10))
+    };
     let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
     let writer = {
         let (port, acked) = (c.engine.nbd_port, acked.clone());
@@ -673,8 +683,8 @@ fn engine_killed_mid_write_restarts_and_reconciles() {
     writer.join().unwrap();
     let b_result = fio.join().unwrap();
     assert!(
-        !b_result.out.timed_out,
-        "fio must not hang on a dead engine"
+        !b_result.out.success(),
+        "fio b cannot succeed: its engine died"
     );
     let acked = acked.lock().unwrap().clone();
     assert!(
@@ -1116,5 +1126,92 @@ fn writes_from_before_a_rebuild_do_not_reach_the_rebuilt_replica() {
     for _ in 0..3 {
         assert_qemu_io_ok(&qemu_io(&uri, &["read -P 0x22 0 1M"]));
     }
+    c.assert_replicas_identical(&[0, 1, 2]);
+}
+
+/// Fills the whole volume (sequential 1 MiB writes, verified), so that a rebuild has
+/// 64 MiB to copy and lasts long enough to be interrupted.
+fn fill_volume(c: &Cluster, seed: u64) {
+    let mut fill = Fio::region("fill", 0, SIZE, seed);
+    fill.rw = "write";
+    fill.bs = "1m-1m";
+    fill.iodepth = 8;
+    fill.run_ok(&c.uri(), c.dir());
+}
+
+/// Takes replica `i` out of the volume, writes `region` while it is out, and adds it back;
+/// returns as soon as `replica add` answered (the rebuild runs).
+fn start_rebuild(c: &Cluster, i: usize, region: &Fio) {
+    let target = c.replicas[i].address();
+    c.ctl_json(&["replica", "rm", &target]);
+    region.run_ok(&c.uri(), c.dir());
+    let added = c.ctl_json(&["replica", "add", &target]);
+    assert!(
+        added
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["address"] == target.as_str() && r["mode"] == "WO"),
+        "{target} joins WO: {added}"
+    );
+}
+
+/// The engine SIGKILLed while it rebuilds a replica: the restarted engine does not trust
+/// the half-rebuilt replica (ERR), serves from the others, and rebuilds it when it is
+/// added again.
+#[test]
+fn engine_killed_mid_rebuild_distrusts_the_half_rebuilt_replica() {
+    let mut c = cluster();
+    let dir = c.dir().to_owned();
+    fill_volume(&c, 101);
+    let a = Fio::region("a", 0, 16 * MIB, 102);
+    start_rebuild(&c, 1, &a);
+    c.engine.kill9();
+    c.engine.restart();
+
+    let target = c.replicas[1].address();
+    let info = c.ctl_json(&["info"]);
+    let t = info_replica(&info, &target);
+    eprintln!("after an engine kill mid-rebuild: {t}");
+    if t["mode"] == "RW" {
+        // The rebuild won the race against the kill; nothing to distrust.
+        assert_modes(&info, &[], "healthy");
+    } else {
+        assert_modes(&info, &[&target], "degraded");
+        let msg = t["message"].as_str().unwrap();
+        assert!(
+            msg.contains("rebuilt") || msg.contains("stale"),
+            "the engine says why it does not trust {target}: {info}"
+        );
+        a.verify_only().run_ok(&c.uri(), &dir);
+        add_and_rebuild(&c, &target);
+        assert_modes(&c.ctl_json(&["info"]), &[], "healthy");
+    }
+    a.verify_only().run_ok(&c.uri(), &dir);
+    c.assert_replicas_identical(&[0, 1, 2]);
+}
+
+/// The replica being rebuilt SIGKILLed mid-rebuild: the rebuild fails (ERR), the volume goes
+/// on; restarted on its half-rebuilt directory and added again, it is rebuilt and equal.
+#[test]
+fn replica_killed_mid_rebuild_is_rebuilt_again() {
+    let mut c = cluster();
+    let dir = c.dir().to_owned();
+    fill_volume(&c, 111);
+    let a = Fio::region("a", 0, 16 * MIB, 112);
+    start_rebuild(&c, 2, &a);
+    let target = c.replicas[2].address();
+    c.replicas[2].kill9();
+    // Writes notice the dead WO replica (if the rebuild had not failed on its own already).
+    let b = Fio::region("b", 32 * MIB, 8 * MIB, 113);
+    b.run_ok(&c.uri(), &dir);
+    c.engine.wait_mode(&target, "ERR", MODE_WAIT);
+    assert_modes(&c.ctl_json(&["info"]), &[&target], "degraded");
+
+    c.replicas[2].restart();
+    add_and_rebuild(&c, &target);
+    assert_modes(&c.ctl_json(&["info"]), &[], "healthy");
+    a.verify_only().run_ok(&c.uri(), &dir);
+    b.verify_only().run_ok(&c.uri(), &dir);
     c.assert_replicas_identical(&[0, 1, 2]);
 }
