@@ -2,23 +2,31 @@
 //! volume (one byte image for the head and one per snapshot, frozen when it was taken), with
 //! every read, the layer tree, each layer's own blocks and the chunk checksums compared.
 //!
+//! Most cases use a small volume (64 KiB – 1 MiB). Some use a 16 TiB volume of which only a
+//! few windows are touched (the start, around the 8 TiB layer-segment boundary, the middle,
+//! the last blocks): the model is then the concatenation of the windows.
+//!
 //! `PROPTEST_CASES` sets the number of cases (default 64).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
-use common::{assert_no_leftovers, assert_same, own_blocks, sums_from_chunks, view_from_chunks};
-use ironhorn_replica::{BLOCK_SIZE, LayerInfo, SECTOR_SIZE, Store, StoreError};
+use common::{
+    assert_no_leftovers, assert_same, chain_of, own_blocks, own_blocks_in, sums_from_chunks_in,
+    view_from_chunks,
+};
+use ironhorn_replica::layer_file::SEGMENT_SIZE;
+use ironhorn_replica::{BLOCK_SIZE, CHUNK_SIZE, LayerInfo, SECTOR_SIZE, Store, StoreError};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
 mod common;
 
 const HEAD: &str = "volume-head";
-/// Largest volume a case grows to (2 MiB).
+/// Largest (modelled) volume a case grows to (2 MiB).
 const MAX_BLOCKS: u64 = 512;
+const TIB: u64 = 1 << 40;
 const DEFAULT_CASES: u32 = 64;
 
 // ---------------------------------------------------------------------------------------
@@ -33,6 +41,86 @@ fn pattern(buf: &mut [u8], tag: u64) {
         x ^= x << 17;
         let b = x.to_le_bytes();
         chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Where the modelled bytes live in the volume.
+
+/// The modelled bytes are the concatenation of windows of the volume ("virtual" offsets);
+/// the rest of the volume is never touched and must stay empty.
+#[derive(Debug, Clone)]
+struct Geometry {
+    size: u64,
+    /// (volume offset, length), block aligned, ascending.
+    windows: Vec<(u64, u64)>,
+}
+
+impl Geometry {
+    fn small(size: u64) -> Geometry {
+        Geometry {
+            size,
+            windows: vec![(0, size)],
+        }
+    }
+
+    /// 16 TiB; windows at the start, across the 8 TiB segment boundary, inside a chunk in
+    /// the middle, and at the very end.
+    fn big() -> Geometry {
+        Geometry {
+            size: 16 * TIB,
+            windows: vec![
+                (0, 64 << 10),
+                (SEGMENT_SIZE - (128 << 10), 256 << 10),
+                (12 * TIB + CHUNK_SIZE / 2, 64 << 10),
+                (16 * TIB - (128 << 10), 128 << 10),
+            ],
+        }
+    }
+
+    fn vsize(&self) -> u64 {
+        self.windows.iter().map(|w| w.1).sum()
+    }
+
+    /// Volume offset of virtual offset `v`, and how many bytes its window has from there.
+    fn locate(&self, v: u64) -> (u64, u64) {
+        let mut base = 0;
+        for &(start, len) in &self.windows {
+            if v < base + len {
+                return (start + v - base, base + len - v);
+            }
+            base += len;
+        }
+        panic!("virtual offset {v} past {}", self.vsize());
+    }
+
+    fn to_virtual(&self, off: u64) -> Option<u64> {
+        let mut base = 0;
+        for &(start, len) in &self.windows {
+            if (start..start + len).contains(&off) {
+                return Some(base + off - start);
+            }
+            base += len;
+        }
+        None
+    }
+
+    /// The chunks the windows touch, ascending.
+    fn chunks(&self) -> Vec<u64> {
+        let set: BTreeSet<u64> = self
+            .windows
+            .iter()
+            .flat_map(|&(s, l)| s / CHUNK_SIZE..(s + l).div_ceil(CHUNK_SIZE))
+            .collect();
+        set.into_iter().collect()
+    }
+
+    fn expand(&mut self, add: u64) {
+        match self.windows.last_mut() {
+            Some((s, l)) if *s + *l == self.size => *l += add,
+            _ => self.windows.push((self.size, add)),
+        }
+        self.size += add;
     }
 }
 
@@ -144,7 +232,7 @@ impl Model {
     }
 }
 
-fn check_structure(store: &Store, model: &Model) {
+fn check_structure(store: &Store, model: &Model, geo: &Geometry) {
     let layers = store.layers();
     let heads: Vec<&LayerInfo> = layers.iter().filter(|l| l.is_head).collect();
     assert_eq!(heads.len(), 1, "exactly one head: {layers:?}");
@@ -170,36 +258,8 @@ fn check_structure(store: &Store, model: &Model) {
     }
     assert_eq!(store.head_chain(), model.head_chain(), "head chain");
     assert_eq!(store.snapshot_count(), model.snaps.len());
-    assert_eq!(store.size(), model.size);
-}
-
-/// Everything: structure, the head through `read`, every layer's view rebuilt from its
-/// chain's own blocks, checksums equal to ones computed from `read_chunk`, no stray files.
-fn verify_all(store: &Store, model: &Model, dir: &Path, with_sums: bool) {
-    check_structure(store, model);
-    let mut buf = vec![0u8; model.size as usize];
-    store.read(0, &mut buf).unwrap();
-    assert_same("head read", &buf, &model.head);
-    let layers = store.layers();
-    for l in &layers {
-        let view = view_from_chunks(store, &layers, &l.name, model.size);
-        let want = if l.is_head {
-            model.head.clone()
-        } else {
-            model.snap_image(&l.name)
-        };
-        assert_same(&format!("view of {} from read_chunk", l.name), &view, &want);
-        if with_sums {
-            let got = store.checksums(&l.name).unwrap();
-            assert_eq!(
-                *got,
-                sums_from_chunks(store, &l.name, model.size),
-                "checksums of {}",
-                l.name
-            );
-        }
-    }
-    assert_no_leftovers(dir, store);
+    assert_eq!(store.size(), geo.size);
+    assert_eq!(geo.vsize(), model.size);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -236,9 +296,15 @@ enum Op {
     WriteZeroes(Span),
     Discard(Span),
     Read(Span),
-    Snapshot { labelled: bool },
+    /// `reuse`: take the name of a purged snapshot when there is one.
+    Snapshot {
+        labelled: bool,
+        reuse: bool,
+    },
     Remove(usize),
-    Purge { with_sums: bool },
+    Purge {
+        with_sums: bool,
+    },
     RemoveAndPurge(usize, bool),
     Revert(usize),
     Expand(u64),
@@ -263,7 +329,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => span().prop_map(Op::WriteZeroes),
         2 => span().prop_map(Op::Discard),
         4 => span().prop_map(Op::Read),
-        4 => any::<bool>().prop_map(|labelled| Op::Snapshot { labelled }),
+        4 => (any::<bool>(), prop::bool::weighted(0.2))
+            .prop_map(|(labelled, reuse)| Op::Snapshot { labelled, reuse }),
         2 => any::<usize>().prop_map(Op::Remove),
         1 => any::<bool>().prop_map(|with_sums| Op::Purge { with_sums }),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(p, s)| Op::RemoveAndPurge(p, s)),
@@ -280,17 +347,18 @@ struct Harness {
     dir: tempfile::TempDir,
     store: Option<Store>,
     model: Model,
+    geo: Geometry,
 }
 
 impl Harness {
-    fn new(blocks: u64) -> Harness {
+    fn new(geo: Geometry) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let size = blocks * BLOCK_SIZE;
-        let store = Store::open_or_create(dir.path(), Some(size)).unwrap();
+        let store = Store::open_or_create(dir.path(), Some(geo.size)).unwrap();
         Harness {
             dir,
             store: Some(store),
-            model: Model::new(size),
+            model: Model::new(geo.vsize()),
+            geo,
         }
     }
 
@@ -303,12 +371,90 @@ impl Harness {
         self.store = Some(Store::open(self.dir.path()).unwrap());
     }
 
+    /// A drawn span, kept inside one window: (virtual offset, volume offset, length).
+    fn place(&self, span: Span) -> (u64, u64, u64) {
+        let (v, len) = span.resolve(self.model.size);
+        let (off, room) = self.geo.locate(v);
+        (v, off, len.min(room))
+    }
+
+    /// The layer's own blocks (volume offsets) in the windows; also checks that the layer
+    /// holds nothing outside them.
+    fn own(&self, layer: &str, info: Option<&LayerInfo>) -> Vec<(u64, Vec<u8>)> {
+        let runs = own_blocks_in(self.store(), layer, self.geo.chunks(), self.geo.size);
+        for (off, data) in &runs {
+            for b in (*off..off + data.len() as u64).step_by(BLOCK_SIZE as usize) {
+                assert!(
+                    self.geo.to_virtual(b).is_some(),
+                    "{layer} holds block {} outside the touched windows",
+                    b / BLOCK_SIZE
+                );
+            }
+        }
+        if let Some(info) = info {
+            let held: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
+            assert_eq!(
+                info.allocated_bytes, held,
+                "{layer}: blocks held vs read_chunk"
+            );
+        }
+        runs
+    }
+
+    /// What a read of layer `name` sees (virtual image), rebuilt from its chain's own blocks.
+    fn view(&self, layers: &[LayerInfo], name: &str) -> Vec<u8> {
+        let mut img = vec![0u8; self.model.size as usize];
+        for l in chain_of(layers, name) {
+            let info = layers.iter().find(|i| i.name == l);
+            for (off, data) in self.own(&l, info) {
+                for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+                    let v = self.geo.to_virtual(off + i as u64 * BLOCK_SIZE).unwrap() as usize;
+                    img[v..v + block.len()].copy_from_slice(block);
+                }
+            }
+        }
+        img
+    }
+
+    fn sums(&self, layer: &str) -> Vec<(u64, u32)> {
+        sums_from_chunks_in(self.store(), layer, self.geo.chunks())
+    }
+
+    /// Everything: structure, the head through `read`, every layer's view rebuilt from its
+    /// chain's own blocks, checksums equal to ones computed from `read_chunk`, no stray files.
+    fn verify_all(&self, with_sums: bool) {
+        let store = self.store();
+        check_structure(store, &self.model, &self.geo);
+        let mut buf = Vec::with_capacity(self.model.size as usize);
+        for &(off, len) in &self.geo.windows {
+            let mut w = vec![0u8; len as usize];
+            store.read(off, &mut w).unwrap();
+            buf.extend_from_slice(&w);
+        }
+        assert_same("head read", &buf, &self.model.head);
+        let layers = store.layers();
+        for l in &layers {
+            let view = self.view(&layers, &l.name);
+            let want = if l.is_head {
+                self.model.head.clone()
+            } else {
+                self.model.snap_image(&l.name)
+            };
+            assert_same(&format!("view of {} from read_chunk", l.name), &view, &want);
+            if with_sums {
+                let got = store.checksums(&l.name).unwrap();
+                assert_eq!(*got, self.sums(&l.name), "checksums of {}", l.name);
+            }
+        }
+        assert_no_leftovers(self.dir.path(), store);
+    }
+
     /// Blocks of the head's chain below the head, from the layers' own blocks.
     fn lower_blocks(&self) -> BTreeSet<u64> {
         let chain = self.model.head_chain();
         let mut out = BTreeSet::new();
         for l in &chain[..chain.len() - 1] {
-            for (off, data) in own_blocks(self.store(), l, self.model.size) {
+            for (off, data) in self.own(l, None) {
                 out.extend(off / BLOCK_SIZE..(off + data.len() as u64) / BLOCK_SIZE);
             }
         }
@@ -316,16 +462,17 @@ impl Harness {
     }
 
     fn zero(&mut self, span: Span, discard: bool) {
-        let (off, len) = span.resolve(self.model.size);
+        let (v, off, len) = self.place(span);
         let lower = self.lower_blocks();
         if discard {
             self.store().discard(off, len).unwrap();
         } else {
             self.store().write_zeroes(off, len).unwrap();
         }
-        self.model.head[off as usize..(off + len) as usize].fill(0);
+        self.model.head[v as usize..(v + len) as usize].fill(0);
         // Whole blocks that nothing below holds must be holes in the head now.
-        let head_has: BTreeSet<u64> = own_blocks(self.store(), HEAD, self.model.size)
+        let head_has: BTreeSet<u64> = self
+            .own(HEAD, None)
             .into_iter()
             .flat_map(|(o, d)| o / BLOCK_SIZE..(o + d.len() as u64) / BLOCK_SIZE)
             .collect();
@@ -367,11 +514,7 @@ impl Harness {
                     "checksums of untouched snapshot {name} changed"
                 );
             }
-            assert_eq!(
-                after,
-                sums_from_chunks(self.store(), name, self.model.size),
-                "checksums of {name} after purge"
-            );
+            assert_eq!(after, self.sums(name), "checksums of {name} after purge");
         }
     }
 
@@ -388,52 +531,58 @@ impl Harness {
         }
     }
 
+    fn snapshot(&mut self, labelled: bool, reuse: bool) {
+        let m = &self.model;
+        let purged = m.all_names.iter().find(|n| !m.snaps.contains_key(*n));
+        let name = match purged {
+            Some(n) if reuse => n.clone(),
+            _ => format!("s{}", m.all_names.len()),
+        };
+        let mut labels = BTreeMap::new();
+        if labelled {
+            labels.insert("k".to_owned(), name.clone());
+        }
+        let info = self.store().snapshot(&name, labels.clone()).unwrap();
+        assert_eq!(info.name, name);
+        assert!(!info.is_head);
+        assert_eq!(info.children, vec![HEAD.to_owned()]);
+        let m = &mut self.model;
+        let snap = SnapModel {
+            image: m.head.clone(),
+            parent: m.head_parent.clone(),
+            removed: false,
+            labels,
+        };
+        m.snaps.insert(name.clone(), snap);
+        m.head_parent = Some(name.clone());
+        if !m.all_names.contains(&name) {
+            m.all_names.push(name);
+        }
+    }
+
     fn apply(&mut self, op: &Op) {
-        let size = self.model.size;
         match op {
             Op::Write(span) => {
-                let (off, len) = span.resolve(size);
+                let (v, off, len) = self.place(*span);
                 self.model.tag += 1;
                 let mut data = vec![0u8; len as usize];
                 pattern(&mut data, self.model.tag);
                 self.store().write(off, &data).unwrap();
-                self.model.head[off as usize..(off + len) as usize].copy_from_slice(&data);
+                self.model.head[v as usize..(v + len) as usize].copy_from_slice(&data);
             }
             Op::WriteZeroes(span) => self.zero(*span, false),
             Op::Discard(span) => self.zero(*span, true),
             Op::Read(span) => {
-                let (off, len) = span.resolve(size);
+                let (v, off, len) = self.place(*span);
                 let mut buf = vec![0xAAu8; len as usize];
                 self.store().read(off, &mut buf).unwrap();
                 assert_same(
                     &format!("read {off}+{len}"),
                     &buf,
-                    &self.model.head[off as usize..(off + len) as usize],
+                    &self.model.head[v as usize..(v + len) as usize],
                 );
             }
-            Op::Snapshot { labelled } => {
-                let name = format!("s{}", self.model.all_names.len());
-                let mut labels = BTreeMap::new();
-                if *labelled {
-                    labels.insert("k".to_owned(), name.clone());
-                }
-                let info = self.store().snapshot(&name, labels.clone()).unwrap();
-                assert_eq!(info.name, name);
-                assert!(!info.is_head);
-                assert_eq!(info.children, vec![HEAD.to_owned()]);
-                let m = &mut self.model;
-                m.snaps.insert(
-                    name.clone(),
-                    SnapModel {
-                        image: m.head.clone(),
-                        parent: m.head_parent.clone(),
-                        removed: false,
-                        labels,
-                    },
-                );
-                m.head_parent = Some(name.clone());
-                m.all_names.push(name);
-            }
+            Op::Snapshot { labelled, reuse } => self.snapshot(*labelled, *reuse),
             Op::Remove(pick) => self.remove(*pick),
             Op::Purge { with_sums } => self.purge(*with_sums),
             Op::RemoveAndPurge(pick, with_sums) => {
@@ -459,40 +608,42 @@ impl Harness {
                 }
             }
             Op::Expand(blocks) => {
-                let new = size + blocks * BLOCK_SIZE;
-                if new > MAX_BLOCKS * BLOCK_SIZE {
+                let add = blocks * BLOCK_SIZE;
+                let size = self.geo.size;
+                if self.model.size + add > MAX_BLOCKS * BLOCK_SIZE {
                     let r = self.store().expand(size - BLOCK_SIZE);
                     assert!(matches!(r, Err(StoreError::InvalidSize { .. })), "{r:?}");
                 } else {
-                    self.store().expand(new).unwrap();
-                    self.model.size = new;
-                    self.model.head.resize(new as usize, 0);
+                    self.store().expand(size + add).unwrap();
+                    self.geo.expand(add);
+                    self.model.size += add;
+                    self.model.head.resize(self.model.size as usize, 0);
                 }
             }
             Op::Flush => self.store().flush().unwrap(),
             Op::Reopen => {
                 self.reopen();
-                verify_all(self.store(), &self.model, self.dir.path(), false);
+                self.verify_all(false);
             }
             Op::Checksums(pick) => {
                 let name = self.model.pick(*pick);
                 let r = self.store().checksums(&name);
                 if name == HEAD || self.model.snaps.contains_key(&name) {
                     // The head's sums are computed on every call, a snapshot's are cached.
-                    assert_eq!(*r.unwrap(), sums_from_chunks(self.store(), &name, size));
+                    assert_eq!(*r.unwrap(), self.sums(&name));
                 } else {
                     assert!(matches!(r, Err(StoreError::SnapshotNotFound(_))), "{r:?}");
                 }
             }
             Op::Bad(kind) => self.bad(*kind),
         }
-        check_structure(self.store(), &self.model);
+        check_structure(self.store(), &self.model, &self.geo);
     }
 
     /// Refused requests: each must fail with the right error and change nothing.
     fn bad(&mut self, kind: u8) {
         let s = self.store();
-        let size = self.model.size;
+        let size = self.geo.size;
         let mut buf = vec![0u8; 1024];
         let range = |r: ironhorn_replica::Result<()>| {
             assert!(matches!(r, Err(StoreError::InvalidRange { .. })), "{r:?}")
@@ -523,14 +674,14 @@ impl Harness {
     }
 }
 
-fn run_case(blocks: u64, ops: &[Op]) {
-    let mut h = Harness::new(blocks);
+fn run_case(geo: Geometry, ops: &[Op]) {
+    let mut h = Harness::new(geo);
     for op in ops {
         h.apply(op);
     }
-    verify_all(h.store(), &h.model, h.dir.path(), true);
+    h.verify_all(true);
     h.reopen();
-    verify_all(h.store(), &h.model, h.dir.path(), true);
+    h.verify_all(true);
 }
 
 fn cases() -> u32 {
@@ -549,10 +700,207 @@ proptest! {
 
     #[test]
     fn store_matches_model(
-        blocks in prop_oneof![16..=64u64, 64..=256u64],
+        geo in prop_oneof![
+            2 => (16..=64u64).prop_map(|b| Geometry::small(b * BLOCK_SIZE)),
+            2 => (64..=256u64).prop_map(|b| Geometry::small(b * BLOCK_SIZE)),
+            1 => Just(Geometry::big()),
+        ],
         ops in proptest::collection::vec(op(), 1..60),
     ) {
-        run_case(blocks, &ops);
+        run_case(geo, &ops);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rebuild: a target brought up to a source by the store's sync primitives, the way the
+// ReplicaSync service drives them, while live writes go to both.
+
+#[derive(Debug, Clone)]
+enum Live {
+    Write(Span),
+    Zero(Span, bool),
+}
+
+fn live() -> impl Strategy<Value = Live> {
+    prop_oneof![
+        4 => span().prop_map(Live::Write),
+        1 => (span(), any::<bool>()).prop_map(|(s, d)| Live::Zero(s, d)),
+    ]
+}
+
+/// History ops for a rebuild source: no expand (the engine sizes replicas), no bad input.
+fn history_op() -> impl Strategy<Value = Op> {
+    op().prop_filter("no expand / bad input", |o| {
+        !matches!(o, Op::Expand(_) | Op::Bad(_) | Op::Reopen)
+    })
+}
+
+impl Harness {
+    /// Applies a live write to this (modelled) store and the same bytes to `other`.
+    fn live_both(&mut self, op: &Live, other: &Store) {
+        match op {
+            Live::Write(span) => {
+                let (v, off, len) = self.place(*span);
+                self.model.tag += 1;
+                let mut data = vec![0u8; len as usize];
+                pattern(&mut data, self.model.tag);
+                self.store().write(off, &data).unwrap();
+                other.write(off, &data).unwrap();
+                self.model.head[v as usize..(v + len) as usize].copy_from_slice(&data);
+            }
+            Live::Zero(span, discard) => {
+                let (_, off, len) = self.place(*span);
+                if *discard {
+                    other.discard(off, len).unwrap();
+                } else {
+                    other.write_zeroes(off, len).unwrap();
+                }
+                self.zero(*span, *discard);
+            }
+        }
+    }
+}
+
+/// Same layers (names, tree, flags, labels, times), same views of every layer, same
+/// checksums of every snapshot.
+fn assert_replicas_equal(what: &str, src: &Store, dst: &Store) {
+    let (a, b) = (src.layers(), dst.layers());
+    let key = |l: &LayerInfo| {
+        let mut c = l.children.clone();
+        c.sort();
+        (
+            l.name.clone(),
+            l.parent.clone(),
+            c,
+            l.is_head,
+            l.removed,
+            l.labels.clone(),
+        )
+    };
+    let ka: BTreeSet<_> = a.iter().map(key).collect();
+    let kb: BTreeSet<_> = b.iter().map(key).collect();
+    assert_eq!(ka, kb, "{what}: layer trees differ");
+    assert_eq!(src.head_chain(), dst.head_chain(), "{what}: head chains");
+    assert_eq!(src.size(), dst.size(), "{what}: sizes");
+    for l in a.iter().filter(|l| !l.is_head) {
+        let lb = b.iter().find(|x| x.name == l.name).unwrap();
+        assert_eq!(
+            l.created_unix_ms, lb.created_unix_ms,
+            "{what}: time of {}",
+            l.name
+        );
+    }
+    for l in &a {
+        let va = view_from_chunks(src, &a, &l.name, src.size());
+        let vb = view_from_chunks(dst, &b, &l.name, dst.size());
+        assert_same(&format!("{what}: view of {}", l.name), &vb, &va);
+        if !l.is_head {
+            assert_eq!(
+                src.checksums(&l.name).unwrap(),
+                dst.checksums(&l.name).unwrap(),
+                "{what}: checksums of {}",
+                l.name
+            );
+        }
+    }
+    let mut ra = vec![0u8; src.size() as usize];
+    let mut rb = vec![0u8; dst.size() as usize];
+    src.read(0, &mut ra).unwrap();
+    dst.read(0, &mut rb).unwrap();
+    assert_same(&format!("{what}: head read"), &rb, &ra);
+}
+
+/// Runs a rebuild of a target (fresh, or replaying the first `stale` history ops) from a
+/// source with `history`, with `live` writes spread over the sync.
+fn run_rebuild(blocks: u64, history: &[Op], stale: Option<usize>, live: &[Live]) {
+    let geo = Geometry::small(blocks * BLOCK_SIZE);
+    let mut src = Harness::new(geo.clone());
+    let mut dst = Harness::new(geo);
+    let stale = stale.map(|k| k.min(history.len()));
+    for (i, op) in history.iter().enumerate() {
+        if stale.is_some_and(|k| i < k) {
+            dst.apply(op);
+        }
+        src.apply(op);
+    }
+    let t = dst.store.take().unwrap();
+    t.begin_rebuild().unwrap();
+    assert!(t.is_rebuilding());
+    let mut live = live.iter();
+    let mut some_live = |src: &mut Harness, n: usize| {
+        for op in live.by_ref().take(n) {
+            src.live_both(op, &t);
+        }
+    };
+    some_live(&mut src, 2);
+    // The system snapshot the rebuild syncs.
+    src.apply(&Op::Snapshot {
+        labelled: false,
+        reuse: false,
+    });
+    some_live(&mut src, 2);
+    let layers = src.store().layers();
+    let snaps: Vec<&LayerInfo> = layers.iter().filter(|l| !l.is_head).collect();
+    for l in &snaps {
+        t.prepare_layer(&l.name, l.created_unix_ms, l.labels.clone())
+            .unwrap();
+        some_live(&mut src, 1);
+    }
+    for l in &snaps {
+        let theirs: BTreeMap<u64, u32> = src
+            .store()
+            .checksums(&l.name)
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let mine: BTreeMap<u64, u32> = t.checksums(&l.name).unwrap().iter().copied().collect();
+        for c in mine.keys().filter(|c| !theirs.contains_key(c)) {
+            t.import_chunk(&l.name, *c, &[]).unwrap();
+            some_live(&mut src, 1);
+        }
+        for (c, crc) in &theirs {
+            if mine.get(c) != Some(crc) {
+                let runs = src.store().read_chunk(&l.name, *c).unwrap();
+                t.import_chunk(&l.name, *c, &runs).unwrap();
+                some_live(&mut src, 1);
+            }
+        }
+    }
+    let tree: Vec<(String, Option<String>, bool)> = snaps
+        .iter()
+        .map(|l| (l.name.clone(), l.parent.clone(), l.removed))
+        .collect();
+    let chain = src.store().head_chain();
+    let head_parent = chain.iter().rev().nth(1).cloned();
+    t.finish_sync(&tree, head_parent.as_deref()).unwrap();
+    some_live(&mut src, 2);
+    t.finish_rebuild().unwrap();
+    assert!(!t.is_rebuilding());
+    some_live(&mut src, usize::MAX);
+    src.verify_all(true);
+    assert_replicas_equal("after the rebuild", src.store(), &t);
+    drop(t);
+    let t = Store::open(dst.dir.path()).unwrap();
+    assert_replicas_equal("target reopened", src.store(), &t);
+    assert_no_leftovers(dst.dir.path(), &t);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases().div_ceil(2),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn rebuild_matches_source(
+        blocks in 16..=128u64,
+        history in proptest::collection::vec(history_op(), 0..30),
+        stale in proptest::option::of(0..30usize),
+        live in proptest::collection::vec(live(), 0..40),
+    ) {
+        run_rebuild(blocks, &history, stale, &live);
     }
 }
 
@@ -578,12 +926,18 @@ fn fixed_sequences() {
     };
     // Discard over a snapshot's block must not uncover it, before or after a purge.
     run_case(
-        16,
+        Geometry::small(16 * BLOCK_SIZE),
         &[
             w(0, 16384),
-            Op::Snapshot { labelled: false },
+            Op::Snapshot {
+                labelled: false,
+                reuse: false,
+            },
             z(4096, 8192),
-            Op::Snapshot { labelled: true },
+            Op::Snapshot {
+                labelled: true,
+                reuse: true,
+            },
             Op::RemoveAndPurge(1, true),
             Op::Reopen,
             Op::Revert(1),
@@ -593,18 +947,53 @@ fn fixed_sequences() {
     );
     // Revert leaves a branch; purge keeps a snapshot with two children, then merges it.
     run_case(
-        32,
+        Geometry::small(32 * BLOCK_SIZE),
         &[
             w(0, 8192),
-            Op::Snapshot { labelled: false },
+            Op::Snapshot {
+                labelled: false,
+                reuse: false,
+            },
             w(4096, 8192),
-            Op::Snapshot { labelled: false },
+            Op::Snapshot {
+                labelled: false,
+                reuse: false,
+            },
             Op::Revert(1),
             w(3584, 1024),
             Op::RemoveAndPurge(1, true),
             Op::Expand(16),
             w(40960, 8192),
             Op::RemoveAndPurge(6, true),
+            Op::Reopen,
+        ],
+    );
+    // 16 TiB: I/O across the 8 TiB segment boundary and in the very last block, through
+    // snapshot, discard, purge, expand past 16 TiB, revert and reopen. Virtual offsets: the
+    // boundary is at 192 KiB, the volume's last block at 508 KiB.
+    let snap = Op::Snapshot {
+        labelled: false,
+        reuse: false,
+    };
+    let k = |n: u64| n << 10;
+    run_case(
+        Geometry::big(),
+        &[
+            w(k(192) - 4096, 8192),
+            w(k(192) - 1024, 2048),
+            w(k(508), 4096),
+            snap.clone(),
+            z(k(192) - 8192, 16384),
+            w(k(508) + 512, 512),
+            Op::Reopen,
+            snap.clone(),
+            Op::RemoveAndPurge(1, true),
+            Op::Expand(4),
+            w(k(508), 8192),
+            Op::Reopen,
+            Op::Revert(1),
+            w(k(192), 512),
+            Op::RemoveAndPurge(1, true),
             Op::Reopen,
         ],
     );

@@ -23,8 +23,18 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
 
 /// The layer's own blocks, all chunks: (byte offset, data).
 pub fn own_blocks(store: &Store, layer: &str, size: u64) -> Vec<(u64, Vec<u8>)> {
+    own_blocks_in(store, layer, 0..size.div_ceil(CHUNK_SIZE), size)
+}
+
+/// The layer's own blocks in the given chunks: (byte offset, data).
+pub fn own_blocks_in(
+    store: &Store,
+    layer: &str,
+    chunks: impl IntoIterator<Item = u64>,
+    size: u64,
+) -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
-    for c in 0..size.div_ceil(CHUNK_SIZE) {
+    for c in chunks {
         for (off, data) in store.read_chunk(layer, c).unwrap() {
             assert_eq!(
                 off % BLOCK_SIZE,
@@ -77,9 +87,18 @@ pub fn view_from_chunks(store: &Store, layers: &[LayerInfo], name: &str, size: u
 
 /// Chunk checksums as `checksum.rs` defines them, computed from `read_chunk`.
 pub fn sums_from_chunks(store: &Store, layer: &str, size: u64) -> Vec<(u64, u32)> {
+    sums_from_chunks_in(store, layer, 0..size.div_ceil(CHUNK_SIZE))
+}
+
+/// [`sums_from_chunks`] over the given chunks only (ascending).
+pub fn sums_from_chunks_in(
+    store: &Store,
+    layer: &str,
+    chunks: impl IntoIterator<Item = u64>,
+) -> Vec<(u64, u32)> {
     let per_chunk = CHUNK_SIZE / BLOCK_SIZE;
     let mut out = Vec::new();
-    for c in 0..size.div_ceil(CHUNK_SIZE) {
+    for c in chunks {
         let runs = store.read_chunk(layer, c).unwrap();
         if runs.is_empty() {
             continue;
