@@ -771,6 +771,45 @@ impl Store {
         crate::layer_file::remove_layer_files(&p)
     }
 
+    /// One step of a merge: copies into `child` the blocks of `blocks` (all held by `parent`)
+    /// that `child` lacks. The caller holds `inner` exclusively.
+    fn copy_missing(
+        inner: &Inner,
+        parent: LayerId,
+        child: LayerId,
+        blocks: Range<u64>,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let (src, dst) = (inner.file(parent)?, inner.file(child)?);
+        let missing: Vec<Range<u64>> = {
+            let idx = inner.index();
+            match idx.layers.get(&child) {
+                Some(set) => set.gaps(&blocks).collect(),
+                None => std::iter::once(blocks).collect(),
+            }
+        };
+        for m in missing {
+            let len = ((m.end - m.start) * BLOCK_SIZE) as usize;
+            src.read_at(&mut buf[..len], m.start * BLOCK_SIZE)?;
+            dst.write_at(&buf[..len], m.start * BLOCK_SIZE)?;
+            let mut idx = inner.index();
+            idx.layers.entry(child).or_default().insert(m.clone());
+            // Reads of these blocks went to the parent. They must go to the child from now
+            // on: the child holds them, so a write into it (when it is the head) no longer
+            // updates the read map, and would stay unseen until the merge commits.
+            let to_child: Vec<Range<u64>> = idx
+                .merged
+                .overlapping(&m)
+                .filter(|(_, l)| **l == parent)
+                .map(|(r, _)| r.start.max(m.start)..r.end.min(m.end))
+                .collect();
+            for r in to_child {
+                idx.merged.insert(r, child);
+            }
+        }
+        Ok(())
+    }
+
     fn merge_into_child(&self, id: LayerId, child: LayerId) -> Result<()> {
         // The child's content changes: its cached checksums go first.
         self.forget_sums(child);
@@ -789,20 +828,7 @@ impl Store {
                 let e = run.end.min((b / per_chunk + 1) * per_chunk);
                 // Exclusive: no write to the child can interleave with this copy.
                 let inner = self.write_inner();
-                let (src, dst) = (inner.file(id)?.clone(), inner.file(child)?.clone());
-                let missing: Vec<Range<u64>> = {
-                    let idx = inner.index();
-                    match idx.layers.get(&child) {
-                        Some(set) => set.gaps(&(b..e)).collect(),
-                        None => std::iter::once(b..e).collect(),
-                    }
-                };
-                for m in missing {
-                    let len = ((m.end - m.start) * BLOCK_SIZE) as usize;
-                    src.read_at(&mut buf[..len], m.start * BLOCK_SIZE)?;
-                    dst.write_at(&buf[..len], m.start * BLOCK_SIZE)?;
-                    inner.index().layers.entry(child).or_default().insert(m);
-                }
+                Self::copy_missing(&inner, id, child, b..e, &mut buf)?;
                 drop(inner);
                 b = e;
             }
@@ -1281,6 +1307,34 @@ mod tests {
         s.read(0, &mut b).unwrap();
         assert_eq!(b, vec![1u8; 4096]);
         assert!(s.read(size, &mut b).is_err());
+    }
+
+    #[test]
+    fn a_write_into_the_head_reads_back_while_a_purge_merges_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::create(dir.path(), 4 << 20).unwrap();
+        s.write(0, &[1u8; 8192]).unwrap();
+        s.snapshot("base", BTreeMap::new()).unwrap();
+        // The first step of merging "base" into the head, as a purge does it chunk by chunk
+        // while writes go on between the steps.
+        {
+            let inner = s.write_inner();
+            let base = inner.meta.by_name("base").unwrap().id;
+            let mut buf = vec![0u8; CHUNK_SIZE as usize];
+            Store::copy_missing(&inner, base, inner.head_id(), 0..2, &mut buf).unwrap();
+        }
+        s.write(0, &[2u8; 4096]).unwrap();
+        s.write(4096, &[3u8; 512]).unwrap();
+        let mut b = vec![0u8; 8192];
+        s.read(0, &mut b).unwrap();
+        assert_eq!(&b[..4096], &[2u8; 4096][..]);
+        assert_eq!(&b[4096..4608], &[3u8; 512][..]);
+        assert_eq!(&b[4608..], &[1u8; 3584][..]);
+        s.remove_snapshot("base").unwrap();
+        assert_eq!(s.purge().unwrap(), vec!["base".to_owned()]);
+        let mut after = vec![0u8; 8192];
+        s.read(0, &mut after).unwrap();
+        assert_eq!(after, b);
     }
 
     #[test]
