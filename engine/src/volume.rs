@@ -870,14 +870,19 @@ impl Volume {
         }
         let r = probe.replica.clone();
         let mut c = r.control()?;
+        // Bounded like every control call (they write and fsync metadata): a replica that
+        // hangs now must not hang `add` and keep the rebuild lock.
+        let limit = self.timeout * 4;
         if probe.info.size < size {
-            c.expand(ExpandRequest { size })
+            tokio::time::timeout(limit, c.expand(ExpandRequest { size }))
                 .await
+                .map_err(|_| EngineError::Timeout(address.to_owned(), "expand"))?
                 .map_err(|s| status_err(address, "expand", s))?;
         }
-        r.sync_client()?
-            .begin_rebuild(BeginRebuildRequest {})
+        let mut sync = r.sync_client()?;
+        tokio::time::timeout(limit, sync.begin_rebuild(BeginRebuildRequest {}))
             .await
+            .map_err(|_| EngineError::Timeout(address.to_owned(), "begin rebuild"))?
             .map_err(|s| status_err(address, "begin rebuild", s))?;
         self.connect_data(&r, &probe.info.data_address).await?;
         let source = {
@@ -935,10 +940,15 @@ impl Volume {
         if r.mode() != Mode::WO {
             return Err(EngineError::Invalid("replica left WO during the rebuild".into()));
         }
-        r.sync_client()?
-            .finish_rebuild(FinishRebuildRequest {})
-            .await
-            .map_err(|s| status_err(&r.address, "finish rebuild", s))?;
+        // Under the exclusive lock: unbounded, a target hanging right now would stop all I/O.
+        let mut sync = r.sync_client()?;
+        tokio::time::timeout(
+            self.timeout * 4,
+            sync.finish_rebuild(FinishRebuildRequest {}),
+        )
+        .await
+        .map_err(|_| EngineError::Timeout(r.address.clone(), "finish rebuild"))?
+        .map_err(|s| status_err(&r.address, "finish rebuild", s))?;
         self.set_epoch(r, self.epoch()).await?;
         r.set_mode(Mode::RW, "");
         self.fence(&members).await;
