@@ -273,7 +273,10 @@ mod tests {
         sample().save(dir.path()).expect("save");
         let path = dir.path().join(META_FILE);
         let mut data = fs::read(&path).expect("read");
-        let at = data.windows(5).position(|w| w == b"epoch").expect("epoch field");
+        let at = data
+            .windows(5)
+            .position(|w| w == b"epoch")
+            .expect("epoch field");
         data[at] = b'E';
         fs::write(&path, &data).expect("write");
         assert!(matches!(
