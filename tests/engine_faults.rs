@@ -1254,3 +1254,48 @@ fn restarted_engine_does_not_trust_a_stale_replica_alone() {
         }
     }
 }
+
+/// A replica that does not answer the epoch raise of a membership change (hung) is dropped,
+/// and the epoch is then raised once more on the replicas left: had the hung replica taken
+/// the first raise late, it still ends up behind, and a restarted engine distrusts it.
+#[test]
+fn fencing_failure_raises_the_epoch_again() {
+    let mut c = cluster();
+    let uri = c.uri();
+    assert_qemu_io_ok(&qemu_io(&uri, &["write -P 0x11 0 1M"]));
+    let before = c.ctl_json(&["info"])["epoch"].as_u64().unwrap();
+    let (gone, hung, kept) = (
+        c.replicas[0].address(),
+        c.replicas[1].address(),
+        c.replicas[2].address(),
+    );
+    c.replicas[1].stop();
+    // Removing a RW replica records the new membership on the others; one of them hangs.
+    c.ctl_json(&["replica", "rm", &gone]);
+    c.replicas[1].cont();
+    let info = c.ctl_json(&["info"]);
+    let h = info_replica(&info, &hung);
+    assert_eq!(h["mode"], "ERR", "{info}");
+    assert!(
+        h["message"].as_str().unwrap().contains("fencing failed"),
+        "{info}"
+    );
+    let epoch = info["epoch"].as_u64().unwrap();
+    assert_eq!(
+        epoch,
+        before + 2,
+        "one raise for the removal, one after the failure: {info}"
+    );
+    assert_eq!(
+        info_replica(&info, &kept)["epoch"].as_u64(),
+        Some(epoch),
+        "{info}"
+    );
+
+    assert_qemu_io_ok(&qemu_io(&uri, &["write -P 0x22 0 1M", "flush"]));
+    c.engine.terminate();
+    c.engine.restart();
+    let info = c.ctl_json(&["info"]);
+    assert_eq!(info_replica(&info, &hung)["mode"], "ERR", "{info}");
+    assert_qemu_io_ok(&qemu_io(&uri, &["read -P 0x22 0 1M"]));
+}

@@ -357,6 +357,8 @@ impl Volume {
         let epoch = max_epoch + 1;
         vol.epoch.store(epoch, Ordering::Release);
         let mut ready = Vec::new();
+        // A trusted replica that fails from here on holds the new epoch all the same.
+        let mut trusted_dropped = false;
         for p in trusted {
             let r = p.replica.clone();
             let res = async {
@@ -366,7 +368,10 @@ impl Volume {
             .await;
             match res {
                 Ok(()) => ready.push(p),
-                Err(e) => r.set_mode(Mode::ERR, format!("at start: {e}")),
+                Err(e) => {
+                    r.set_mode(Mode::ERR, format!("at start: {e}"));
+                    trusted_dropped = true;
+                }
             }
         }
         if ready.is_empty() {
@@ -384,9 +389,21 @@ impl Volume {
                 Err(e) => {
                     warn!(replica = %p.replica.address, error = %e, "reconcile failed");
                     p.replica.set_mode(Mode::ERR, format!("reconcile failed: {e}"));
+                    trusted_dropped = true;
                 }
             }
         }
+        if trusted_dropped {
+            // It took the new epoch (or may have) and then missed out: it would be trusted
+            // again after a restart, although every write of this engine passes it by.
+            vol.fence(&members).await;
+            if !members.iter().any(|r| r.mode() == Mode::RW) {
+                return Err(EngineError::NoHealthyReplica(
+                    "no trusted replica could take the epoch".into(),
+                ));
+            }
+        }
+        let epoch = vol.epoch();
         *vol.members.write().await = members;
         info!(volume = %vol.name, epoch, "volume open");
         Ok(Arc::new(vol))
@@ -473,21 +490,34 @@ impl Volume {
     }
 
     /// Raises the epoch on every RW replica; one that cannot take it is dropped too.
+    ///
+    /// A replica that failed to answer may still have taken the epoch (its answer was late
+    /// or lost, e.g. a slow fsync of its metadata): it would then hold the same epoch as the
+    /// survivors while missing every later write, and a restarted engine would trust it. So
+    /// after a failure the epoch is raised again on the replicas left, until a round has no
+    /// failure (each round drops at least one replica, so this ends).
     async fn fence(&self, members: &[Arc<Replica>]) {
-        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        let rw: Vec<_> = members
-            .iter()
-            .filter(|r| r.mode() == Mode::RW)
-            .cloned()
-            .collect();
-        let results = join_all(rw.iter().map(|r| self.set_epoch(r, epoch))).await;
-        for (r, res) in rw.iter().zip(results) {
-            if let Err(e) = res {
-                error!(volume = %self.name, replica = %r.address, error = %e, "fencing failed; dropping replica");
-                r.set_mode(Mode::ERR, format!("fencing failed: {e}"));
+        loop {
+            let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+            let rw: Vec<_> = members
+                .iter()
+                .filter(|r| r.mode() == Mode::RW)
+                .cloned()
+                .collect();
+            let results = join_all(rw.iter().map(|r| self.set_epoch(r, epoch))).await;
+            let mut failed = false;
+            for (r, res) in rw.iter().zip(results) {
+                if let Err(e) = res {
+                    error!(volume = %self.name, replica = %r.address, error = %e, "fencing failed; dropping replica");
+                    r.set_mode(Mode::ERR, format!("fencing failed: {e}"));
+                    failed = true;
+                }
+            }
+            info!(volume = %self.name, epoch, "membership recorded");
+            if !failed || !members.iter().any(|r| r.mode() == Mode::RW) {
+                return;
             }
         }
-        info!(volume = %self.name, epoch, "membership recorded");
     }
 
     fn writable(members: &[Arc<Replica>]) -> Vec<(Arc<Replica>, Arc<ReplicaDataClient>)> {
