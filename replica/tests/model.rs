@@ -576,10 +576,22 @@ impl Harness {
                 let (v, off, len) = self.place(*span);
                 let mut buf = vec![0xAAu8; len as usize];
                 self.store().read(off, &mut buf).unwrap();
-                assert_same(
-                    &format!("read {off}+{len}"),
-                    &buf,
-                    &self.model.head[v as usize..(v + len) as usize],
+                let want = &self.model.head[v as usize..(v + len) as usize];
+                assert_same(&format!("read {off}+{len}"), &buf, want);
+                // Allocation status: consecutive pieces from `off`; holes read as zeros.
+                let pieces = self.store().block_status(off, len).unwrap();
+                let mut at = 0u64;
+                for (plen, hole) in &pieces {
+                    assert!(*plen > 0, "empty piece in {pieces:?}");
+                    if *hole {
+                        let z = &want[at as usize..(at + plen) as usize];
+                        assert!(z.iter().all(|&b| b == 0), "hole at {} holds data", off + at);
+                    }
+                    at += plen;
+                }
+                assert!(
+                    at == len || pieces.len() == 1024,
+                    "block status covers {at} of {len}: {pieces:?}"
                 );
             }
             Op::Snapshot { labelled, reuse } => self.snapshot(*labelled, *reuse),
