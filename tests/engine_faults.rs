@@ -14,6 +14,13 @@
 //!
 //! Write phases are rate-limited so that they last a few seconds and the fault lands in the
 //! middle of them. Replica timeouts are 2 s to keep the hung-replica cases short.
+//!
+//! Scenarios: a replica SIGKILLed, SIGSTOPped, or out of disk space mid-write; the engine
+//! SIGKILLed mid-write and restarted; a stale replica facing a restarted engine; every
+//! replica killed or hung; bad bytes on every port; the engine or the target killed
+//! mid-rebuild. Regression tests for bugs these found: a rebuild whose source hangs, a large
+//! write-zeroes over a snapshot, writes of a connection from before a rebuild, a fencing
+//! failure. One ignored repro documents a known gap (a stale replica alone at restart).
 
 #![allow(clippy::unwrap_used)]
 
@@ -920,6 +927,14 @@ fn bad_input_on_nbd_and_replica_ports_changes_nothing() {
             r.name
         );
     }
+
+    // The engine's control (gRPC) port.
+    let mut s = TcpStream::connect(c.engine.control).unwrap();
+    let _ = s.write_all(&random_bytes(4096, 300));
+    assert!(
+        closed_by_peer(&mut s),
+        "garbage on the engine's control port"
+    );
 
     // Nothing changed: processes up, every replica RW, data intact, I/O works.
     assert!(c.engine.is_running());
