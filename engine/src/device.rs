@@ -57,8 +57,12 @@ pub trait BlockDevice: Send + Sync + 'static {
         fua: bool,
     ) -> impl Future<Output = DeviceResult<()>> + Send;
     /// Discards `[offset, offset+len)` (reads as zeros afterwards).
-    fn trim(&self, offset: u64, len: u64, fua: bool)
-    -> impl Future<Output = DeviceResult<()>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> impl Future<Output = DeviceResult<()>> + Send;
     /// Makes every acknowledged write durable.
     fn flush(&self) -> impl Future<Output = DeviceResult<()>> + Send;
     /// Allocation status of `[offset, offset+len)`; may describe less than `len`, never more.

@@ -9,10 +9,10 @@
 //! - [`error`]: errors of control operations.
 //! - [`inflight`]: ordering of overlapping in-flight writes.
 
+pub mod control;
 pub mod device;
 pub mod error;
 pub mod inflight;
 pub mod nbd;
-pub mod control;
 pub mod replica_client;
 pub mod volume;

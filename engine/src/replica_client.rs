@@ -165,11 +165,7 @@ impl ReplicaDataClient {
             {
                 let (pending, broken) = (pending.clone(), broken.clone());
                 tokio::spawn(async move {
-                    let mut frames = FramedRead::with_capacity(
-                        r,
-                        ResponseCodec::new(),
-                        64 * 1024,
-                    );
+                    let mut frames = FramedRead::with_capacity(r, ResponseCodec::new(), 64 * 1024);
                     let reason = loop {
                         match frames.next().await {
                             Some(Ok(Ok(resp))) => {
@@ -223,7 +219,9 @@ impl ReplicaDataClient {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let conn = &self.conns[i];
         if conn.broken.load(Ordering::Acquire) {
-            return Err(ReplicaIoError::Disconnected("connection failed earlier".into()));
+            return Err(ReplicaIoError::Disconnected(
+                "connection failed earlier".into(),
+            ));
         }
         let id = req.id();
         let (tx, rx) = oneshot::channel();
@@ -271,7 +269,10 @@ impl ReplicaDataClient {
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ReplicaIoError> {
         let req = Request::write(self.id(), offset, data, fua)
             .map_err(|e| ReplicaIoError::BadRequest(e.to_string()))?;
-        self.call(req).await?.status().map_err(ReplicaIoError::Status)
+        self.call(req)
+            .await?
+            .status()
+            .map_err(ReplicaIoError::Status)
     }
 
     /// Zeroes `[offset, offset+len)`; `discard` frees space where it can.
@@ -288,7 +289,10 @@ impl ReplicaDataClient {
             Request::write_zeroes(self.id(), offset, len, fua)
         }
         .map_err(|e| ReplicaIoError::BadRequest(e.to_string()))?;
-        self.call(req).await?.status().map_err(ReplicaIoError::Status)
+        self.call(req)
+            .await?
+            .status()
+            .map_err(ReplicaIoError::Status)
     }
 
     /// Makes every write this replica acknowledged durable.
@@ -296,12 +300,18 @@ impl ReplicaDataClient {
         // A flush on one connection covers writes acknowledged on any of them: the replica
         // fdatasyncs the head file they all write to.
         let req = Request::flush(self.id());
-        self.call(req).await?.status().map_err(ReplicaIoError::Status)
+        self.call(req)
+            .await?
+            .status()
+            .map_err(ReplicaIoError::Status)
     }
 
     /// Round trip without I/O.
     pub async fn ping(&self) -> Result<(), ReplicaIoError> {
         let req = Request::ping(self.id());
-        self.call(req).await?.status().map_err(ReplicaIoError::Status)
+        self.call(req)
+            .await?
+            .status()
+            .map_err(ReplicaIoError::Status)
     }
 }

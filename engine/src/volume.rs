@@ -388,7 +388,8 @@ impl Volume {
                 Ok(()) => p.replica.set_mode(Mode::RW, ""),
                 Err(e) => {
                     warn!(replica = %p.replica.address, error = %e, "reconcile failed");
-                    p.replica.set_mode(Mode::ERR, format!("reconcile failed: {e}"));
+                    p.replica
+                        .set_mode(Mode::ERR, format!("reconcile failed: {e}"));
                     trusted_dropped = true;
                 }
             }
@@ -458,7 +459,12 @@ impl Volume {
 
     /// Status of every replica.
     pub async fn replicas(&self) -> Vec<ReplicaStatus> {
-        self.members.read().await.iter().map(|r| r.status()).collect()
+        self.members
+            .read()
+            .await
+            .iter()
+            .map(|r| r.status())
+            .collect()
     }
 
     /// healthy (every replica RW), degraded (at least one RW, not all), faulted (no RW).
@@ -554,7 +560,13 @@ impl Volume {
             return Ok(());
         }
         self.drop_replicas(failed).await;
-        if self.members.read().await.iter().any(|r| r.mode() == Mode::RW) {
+        if self
+            .members
+            .read()
+            .await
+            .iter()
+            .any(|r| r.mode() == Mode::RW)
+        {
             Ok(())
         } else {
             Err(DeviceError::EIO)
@@ -807,9 +819,12 @@ impl Volume {
         // The merge copies data while I/O goes on: shared lock; failures dropped after.
         let members = self.members.read().await;
         let (_, failed) = self
-            .control_all(&members, &[Mode::RW, Mode::WO], "purge", |mut c| async move {
-                c.purge(PurgeRequest {}).await
-            })
+            .control_all(
+                &members,
+                &[Mode::RW, Mode::WO],
+                "purge",
+                |mut c| async move { c.purge(PurgeRequest {}).await },
+            )
             .await?;
         drop(members);
         self.drop_replicas(failed).await;
@@ -968,7 +983,9 @@ impl Volume {
         }
         let mut members = self.members.write().await;
         if r.mode() != Mode::WO {
-            return Err(EngineError::Invalid("replica left WO during the rebuild".into()));
+            return Err(EngineError::Invalid(
+                "replica left WO during the rebuild".into(),
+            ));
         }
         // Under the exclusive lock: unbounded, a target hanging right now would stop all I/O.
         let mut sync = r.sync_client()?;

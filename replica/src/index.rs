@@ -167,12 +167,23 @@ mod tests {
         idx.lookup(3..12, &mut segs);
         assert_eq!(
             segs,
-            vec![(3..5, Some(1)), (5..7, Some(2)), (7..10, Some(1)), (10..12, None)]
+            vec![
+                (3..5, Some(1)),
+                (5..7, Some(2)),
+                (7..10, Some(1)),
+                (10..12, None)
+            ]
         );
-        assert_eq!(idx.split_by_lower(8..12), vec![(8..10, true), (10..12, false)]);
+        assert_eq!(
+            idx.split_by_lower(8..12),
+            vec![(8..10, true), (10..12, false)]
+        );
         idx.head_written(3, 9..11);
         idx.lookup(8..12, &mut segs);
-        assert_eq!(segs, vec![(8..9, Some(1)), (9..11, Some(3)), (11..12, None)]);
+        assert_eq!(
+            segs,
+            vec![(8..9, Some(1)), (9..11, Some(3)), (11..12, None)]
+        );
         assert!(idx.layer_has_all(3, 9..11));
         assert!(!idx.layer_has_all(3, 8..11));
         idx.head_punched(3, 10..11);
@@ -188,7 +199,9 @@ mod tests {
         for layer in 1..=11u64 {
             let set = idx.layers.entry(layer).or_default();
             for _ in 0..500 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let b = (x >> 20) % (1 << 28);
                 set.insert(b..b + 1);
             }

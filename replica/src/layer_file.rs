@@ -285,7 +285,10 @@ mod tests {
     #[test]
     fn pieces_split_at_segment_boundaries() {
         let v: Vec<_> = pieces(SEGMENT_SIZE - 4096, 8192).collect();
-        assert_eq!(v, vec![(0, SEGMENT_SIZE - 4096, 0, 4096), (1, 0, 4096, 4096)]);
+        assert_eq!(
+            v,
+            vec![(0, SEGMENT_SIZE - 4096, 0, 4096), (1, 0, 4096, 4096)]
+        );
     }
 
     #[test]

@@ -111,7 +111,10 @@ impl Meta {
     /// exists, ids below `next_id`.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.format > META_FORMAT {
-            return Err(format!("format {} is newer than {}", self.format, META_FORMAT));
+            return Err(format!(
+                "format {} is newer than {}",
+                self.format, META_FORMAT
+            ));
         }
         if self.block_size != crate::store::BLOCK_SIZE {
             return Err(format!("block size {} unsupported", self.block_size));
@@ -126,7 +129,10 @@ impl Meta {
                 return Err(format!("duplicate layer name {:?}", l.name));
             }
             if l.id >= self.next_id {
-                return Err(format!("layer id {} not below next_id {}", l.id, self.next_id));
+                return Err(format!(
+                    "layer id {} not below next_id {}",
+                    l.id, self.next_id
+                ));
             }
         }
         for l in &self.layers {
@@ -136,7 +142,12 @@ impl Meta {
                 return Err(format!("layer {} has missing parent {}", l.id, p));
             }
             let chain = self.chain_to(l.id);
-            if chain.len() > self.layers.len() || chain.first().and_then(|r| self.layer(*r)).is_some_and(|r| r.parent.is_some()) {
+            if chain.len() > self.layers.len()
+                || chain
+                    .first()
+                    .and_then(|r| self.layer(*r))
+                    .is_some_and(|r| r.parent.is_some())
+            {
                 return Err(format!("layer {} is in a parent cycle", l.id));
             }
         }
@@ -184,10 +195,11 @@ impl Meta {
     /// Writes the metadata atomically into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         crate::failpoint!("meta::save::before");
-        let mut body = serde_json::to_vec_pretty(self).map_err(|e| StoreError::CorruptMetadata {
-            path: dir.join(META_FILE),
-            reason: format!("cannot serialise: {e}"),
-        })?;
+        let mut body =
+            serde_json::to_vec_pretty(self).map_err(|e| StoreError::CorruptMetadata {
+                path: dir.join(META_FILE),
+                reason: format!("cannot serialise: {e}"),
+            })?;
         body.push(b'\n');
         let crc = crc32fast::hash(&body);
         body.extend_from_slice(CRC_TRAILER);

@@ -86,10 +86,12 @@ impl Inner {
     }
 
     fn file(&self, id: LayerId) -> Result<&Arc<LayerFile>> {
-        self.files.get(&id).ok_or_else(|| StoreError::SnapshotState {
-            name: format!("layer {id}"),
-            reason: "layer file is not open".into(),
-        })
+        self.files
+            .get(&id)
+            .ok_or_else(|| StoreError::SnapshotState {
+                name: format!("layer {id}"),
+                reason: "layer file is not open".into(),
+            })
     }
 }
 
@@ -285,8 +287,8 @@ impl Store {
                 .strip_prefix("layer-")
                 .and_then(|r| r.split('.').next())
                 .and_then(|n| n.parse::<LayerId>().ok());
-            let stale = name.ends_with(".tmp")
-                || matches!(id, Some(id) if meta.layer(id).is_none());
+            let stale =
+                name.ends_with(".tmp") || matches!(id, Some(id) if meta.layer(id).is_none());
             if stale {
                 warn!(file = name, "removing leftover of an interrupted operation");
                 let p = entry.path();
@@ -370,9 +372,7 @@ impl Store {
         let size = inner.meta.size;
         let ok = offset.is_multiple_of(SECTOR_SIZE)
             && length.is_multiple_of(SECTOR_SIZE)
-            && offset
-                .checked_add(length)
-                .is_some_and(|end| end <= size);
+            && offset.checked_add(length).is_some_and(|end| end <= size);
         if ok {
             Ok(())
         } else {
@@ -486,7 +486,9 @@ impl Store {
         let first = ((pos - start) / SECTOR_SIZE) as u32;
         let count = (data.len() as u64 / SECTOR_SIZE) as u32;
         let mask = (((1u32 << count) - 1) << first) as u8;
-        let has = inner.index().layer_has_all(inner.head_id(), block..block + 1);
+        let has = inner
+            .index()
+            .layer_has_all(inner.head_id(), block..block + 1);
         inner.head.write_at(data, pos)?;
         let mut map = lock(&self.partial_map);
         if has {
@@ -495,7 +497,9 @@ impl Store {
             }
         } else {
             map.insert(block, mask);
-            inner.index().head_written(inner.head_id(), block..block + 1);
+            inner
+                .index()
+                .head_written(inner.head_id(), block..block + 1);
         }
         Ok(())
     }
@@ -681,7 +685,9 @@ impl Store {
         let inner = self.read_inner();
         let mut ids: Vec<LayerId> = inner.meta.layers.iter().map(|l| l.id).collect();
         ids.sort_unstable();
-        ids.into_iter().map(|id| Self::info_of(&inner, id)).collect()
+        ids.into_iter()
+            .map(|id| Self::info_of(&inner, id))
+            .collect()
     }
 
     /// Names of the layers a read looks through, root first, head last.
@@ -1127,6 +1133,8 @@ impl Store {
     pub fn import_chunk(&self, name: &str, chunk: u64, runs: &[(u64, Bytes)]) -> Result<()> {
         let per_chunk = CHUNK_SIZE / BLOCK_SIZE;
         let range = chunk * per_chunk..(chunk + 1) * per_chunk;
+        // Serialised with checksums(), which must not cache sums of a half-imported chunk.
+        let _ctl = lock(&self.ctl);
         let inner = self.write_inner();
         let id = Self::layer_id(&inner, name)?;
         let file = inner.file(id)?.clone();
@@ -1252,6 +1260,7 @@ impl Store {
                 }
                 inner.head.write_at(&base, start)?;
             }
+            inner.head.sync_data()?;
             inner.partial_active = false;
         }
         drop(inner);

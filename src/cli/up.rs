@@ -146,7 +146,10 @@ impl UpArgs {
             Ok(b) => {
                 let s: UpState = serde_json::from_slice(&b)
                     .with_context(|| format!("bad state file {}", state_path.display()))?;
-                println!("resuming volume {} ({} bytes, {} replicas)", s.volume, s.size, s.replicas);
+                println!(
+                    "resuming volume {} ({} bytes, {} replicas)",
+                    s.volume, s.size, s.replicas
+                );
                 s
             }
             Err(_) => {
@@ -254,7 +257,14 @@ impl UpArgs {
                         () = tokio::time::sleep(Duration::from_secs(5)) => {}
                     }
                     let out = Command::new(&exe)
-                        .args(["engine", "ctl", "--engine", &control.to_string(), "--json", "info"])
+                        .args([
+                            "engine",
+                            "ctl",
+                            "--engine",
+                            &control.to_string(),
+                            "--json",
+                            "info",
+                        ])
                         .stderr(Stdio::null())
                         .output()
                         .await;
@@ -268,11 +278,21 @@ impl UpArgs {
                         else {
                             continue;
                         };
-                        let Ok(sa) = addr.parse::<SocketAddr>() else { continue };
+                        let Ok(sa) = addr.parse::<SocketAddr>() else {
+                            continue;
+                        };
                         if mode == "ERR" && tokio::net::TcpStream::connect(sa).await.is_ok() {
                             tracing::info!(replica = addr, "re-adding a dropped replica");
                             let _ = Command::new(&exe)
-                                .args(["engine", "ctl", "--engine", &control.to_string(), "replica", "add", addr])
+                                .args([
+                                    "engine",
+                                    "ctl",
+                                    "--engine",
+                                    &control.to_string(),
+                                    "replica",
+                                    "add",
+                                    addr,
+                                ])
                                 .stdout(Stdio::null())
                                 .status()
                                 .await;

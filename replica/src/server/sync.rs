@@ -92,13 +92,11 @@ async fn run_sync(
             .map_err(|e| Status::unavailable(format!("connect to {source}: {e}")))?,
     )
     .max_decoding_message_size(64 << 20);
-    let listing = peer.list_layers(pb::ListLayersRequest {}).await?.into_inner();
-    let head_parent = listing
-        .head_chain
-        .iter()
-        .rev()
-        .nth(1)
-        .cloned();
+    let listing = peer
+        .list_layers(pb::ListLayersRequest {})
+        .await?
+        .into_inner();
+    let head_parent = listing.head_chain.iter().rev().nth(1).cloned();
     let snaps: Vec<&pb::Layer> = listing.layers.iter().filter(|l| !l.is_head).collect();
     for l in &snaps {
         let (name, created, labels) = (
@@ -182,7 +180,9 @@ async fn run_sync(
                     current = Some((c, Vec::new()));
                 }
                 match current.as_mut() {
-                    Some((_, runs)) if !m.data.is_empty() => runs.push((m.offset, Bytes::from(m.data))),
+                    Some((_, runs)) if !m.data.is_empty() => {
+                        runs.push((m.offset, Bytes::from(m.data)))
+                    }
                     Some(_) => {}
                     None => {
                         return Err(Status::data_loss(
@@ -201,7 +201,10 @@ async fn run_sync(
             (l.name.clone(), parent, l.removed)
         })
         .collect();
-    blocking(&store, move |s| s.finish_sync(&tree, head_parent.as_deref())).await?;
+    blocking(&store, move |s| {
+        s.finish_sync(&tree, head_parent.as_deref())
+    })
+    .await?;
     info!(done, skipped, total, "sync finished");
     let _ = tx.send(Ok(progress("", total, skipped))).await;
     Ok(())
