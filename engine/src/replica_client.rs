@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use ironhorn_proto::frame::{ErrorCode, Request, Response, ResponseCodec};
+use ironhorn_proto::frame::{Checksummed, ErrorCode, Request, Response, ResponseCodec};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -265,9 +265,14 @@ impl ReplicaDataClient {
             .map_err(ReplicaIoError::Status)
     }
 
-    /// Writes `data` (shared, not copied) at `offset`.
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ReplicaIoError> {
-        let req = Request::write(self.id(), offset, data, fua)
+    /// Writes `data` (shared, not copied; its crc computed once by the caller) at `offset`.
+    pub async fn write(
+        &self,
+        offset: u64,
+        data: &Checksummed,
+        fua: bool,
+    ) -> Result<(), ReplicaIoError> {
+        let req = Request::write_checksummed(self.id(), offset, data, fua)
             .map_err(|e| ReplicaIoError::BadRequest(e.to_string()))?;
         self.call(req)
             .await?

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::join_all;
+use ironhorn_proto::frame::Checksummed;
 use ironhorn_proto::replica::replica_control_client::ReplicaControlClient;
 use ironhorn_proto::replica::replica_sync_client::ReplicaSyncClient;
 use ironhorn_proto::replica::{
@@ -1081,11 +1082,11 @@ impl BlockDevice for Volume {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
         let _order = self.inflight.acquire(offset, data.len() as u64).await;
-        self.mutate(|d| {
-            let data = data.clone();
-            async move { d.write(offset, data, fua).await }
-        })
-        .await
+        // One crc for every replica the write goes to.
+        let data = Checksummed::new(data);
+        let data = &data;
+        self.mutate(|d| async move { d.write(offset, data, fua).await })
+            .await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> DeviceResult<()> {

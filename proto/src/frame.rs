@@ -460,6 +460,32 @@ impl RequestHeader {
     }
 }
 
+/// A payload with its crc32, computed once at construction, so that the same write sent to
+/// several replicas is hashed once (DESIGN.md §8). The crc always matches the data.
+#[derive(Debug, Clone)]
+pub struct Checksummed {
+    data: Bytes,
+    crc: u32,
+}
+
+impl Checksummed {
+    /// Hashes `data`.
+    pub fn new(data: Bytes) -> Checksummed {
+        let crc = crc32fast::hash(&data);
+        Checksummed { data, crc }
+    }
+
+    /// The payload.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// Its crc32.
+    pub fn crc(&self) -> u32 {
+        self.crc
+    }
+}
+
 /// A valid request: a validated header and its payload (empty unless [`Op::Write`]).
 ///
 /// Built by the constructors or the decoder only, so the header always matches the
@@ -498,6 +524,19 @@ impl Request {
     /// Write `payload` at `offset` (computes the payload crc). Fails if the payload exceeds
     /// [`MAX_PAYLOAD`] or the range overflows.
     pub fn write(id: u64, offset: u64, payload: Bytes, fua: bool) -> Result<Request, FrameError> {
+        Request::write_checksummed(id, offset, &Checksummed::new(payload), fua)
+    }
+
+    /// Write a payload whose crc was computed once ([`Checksummed`]), e.g. one write sent to
+    /// several replicas. Fails if the payload exceeds [`MAX_PAYLOAD`] or the range overflows.
+    pub fn write_checksummed(
+        id: u64,
+        offset: u64,
+        payload: &Checksummed,
+        fua: bool,
+    ) -> Result<Request, FrameError> {
+        let crc = payload.crc;
+        let payload = payload.data.clone();
         let length = u32::try_from(payload.len())
             .ok()
             .filter(|&len| len <= MAX_PAYLOAD)
@@ -511,7 +550,7 @@ impl Request {
             id,
             offset,
             length,
-            payload_crc: crc32fast::hash(&payload),
+            payload_crc: crc,
         };
         Request::checked(header, payload)
     }
@@ -985,6 +1024,17 @@ impl Encoder<Response> for ResponseCodec {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn a_checksummed_write_is_the_same_frame_as_a_plain_one() {
+        let data = Bytes::from(vec![0x5au8; 4096]);
+        let c = Checksummed::new(data.clone());
+        assert_eq!(c.crc(), crc32fast::hash(&data));
+        let a = Request::write(7, 8192, data, true).unwrap();
+        let b = Request::write_checksummed(7, 8192, &c, true).unwrap();
+        assert_eq!(a.encode_header(), b.encode_header());
+        assert_eq!(a.payload(), b.payload());
+    }
+
     use super::*;
     use proptest::prelude::*;
 
