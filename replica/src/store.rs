@@ -866,6 +866,51 @@ impl Store {
         Ok(())
     }
 
+    /// Discards the head: a new empty head on `parent` (metadata saved first; on failure
+    /// nothing changes), optionally marking the replica rebuilding. Returns the old head's
+    /// id, whose files the caller removes after releasing `inner`.
+    fn replace_head(
+        &self,
+        inner: &mut Inner,
+        parent: Option<LayerId>,
+        rebuilding: bool,
+        failpoint: &'static str,
+    ) -> Result<LayerId> {
+        let _ = failpoint;
+        let old = inner.head_id();
+        let new = inner.meta.next_id;
+        let path = meta::layer_path(&self.dir, new);
+        let file = Arc::new(LayerFile::create(&path)?);
+        let mut m = inner.meta.clone();
+        m.layers.retain(|l| l.id != old);
+        m.layers.push(LayerMeta {
+            id: new,
+            name: HEAD_NAME.into(),
+            parent,
+            created_unix_ms: now_ms(),
+            labels: BTreeMap::new(),
+            removed: false,
+        });
+        m.head = new;
+        m.next_id = new + 1;
+        m.rebuilding |= rebuilding;
+        crate::failpoint!(failpoint);
+        if let Err(e) = meta::sync_dir(&self.dir).and_then(|()| m.save(&self.dir)) {
+            let _ = crate::layer_file::remove_layer_files(&path);
+            return Err(e);
+        }
+        inner.meta = m;
+        inner.files.remove(&old);
+        inner.files.insert(new, file.clone());
+        inner.head = file;
+        let chain = inner.meta.chain_to(new);
+        let mut idx = inner.index();
+        idx.layers.remove(&old);
+        idx.layers.insert(new, RangeSet::new());
+        idx.rebuild_chain(chain);
+        Ok(old)
+    }
+
     /// Starts a new empty head on snapshot `name`. The old head's data is discarded; the
     /// snapshots after `name` stay as a branch of the tree.
     pub fn revert(&self, name: &str) -> Result<()> {
@@ -878,41 +923,9 @@ impl Store {
                 reason: "snapshot is removed".into(),
             });
         }
-        let old = inner.head_id();
-        let new = inner.meta.next_id;
-        let path = meta::layer_path(&self.dir, new);
-        let file = Arc::new(LayerFile::create(&path)?);
-        let mut m = inner.meta.clone();
-        m.layers.retain(|l| l.id != old);
-        m.layers.push(LayerMeta {
-            id: new,
-            name: HEAD_NAME.into(),
-            parent: Some(target),
-            created_unix_ms: now_ms(),
-            labels: BTreeMap::new(),
-            removed: false,
-        });
-        m.head = new;
-        m.next_id = new + 1;
-        crate::failpoint!("revert::before_save");
-        if let Err(e) = meta::sync_dir(&self.dir).and_then(|()| m.save(&self.dir)) {
-            let _ = crate::layer_file::remove_layer_files(&path);
-            return Err(e);
-        }
-        inner.meta = m;
-        inner.files.remove(&old);
-        inner.files.insert(new, file.clone());
-        inner.head = file;
-        let chain = inner.meta.chain_to(new);
-        {
-            let mut idx = inner.index();
-            idx.layers.remove(&old);
-            idx.layers.insert(new, RangeSet::new());
-            idx.rebuild_chain(chain);
-        }
+        let old = self.replace_head(&mut inner, Some(target), false, "revert::before_save")?;
         drop(inner);
-        let p = meta::layer_path(&self.dir, old);
-        crate::layer_file::remove_layer_files(&p)?;
+        crate::layer_file::remove_layer_files(&meta::layer_path(&self.dir, old))?;
         info!(snapshot = name, "reverted");
         Ok(())
     }
@@ -1036,42 +1049,11 @@ impl Store {
         *session += 1;
         let _ctl = lock(&self.ctl);
         let mut inner = self.write_inner();
-        let old = inner.head_id();
-        let new = inner.meta.next_id;
-        let path = meta::layer_path(&self.dir, new);
-        let file = Arc::new(LayerFile::create(&path)?);
-        let mut m = inner.meta.clone();
-        m.layers.retain(|l| l.id != old);
-        m.layers.push(LayerMeta {
-            id: new,
-            name: HEAD_NAME.into(),
-            parent: None,
-            created_unix_ms: now_ms(),
-            labels: BTreeMap::new(),
-            removed: false,
-        });
-        m.head = new;
-        m.next_id = new + 1;
-        m.rebuilding = true;
-        if let Err(e) = meta::sync_dir(&self.dir).and_then(|()| m.save(&self.dir)) {
-            let _ = crate::layer_file::remove_layer_files(&path);
-            return Err(e);
-        }
-        inner.meta = m;
-        inner.files.remove(&old);
-        inner.files.insert(new, file.clone());
-        inner.head = file;
+        let old = self.replace_head(&mut inner, None, true, "begin_rebuild::before_save")?;
         inner.partial_active = true;
         lock(&self.partial_map).clear();
-        {
-            let mut idx = inner.index();
-            idx.layers.remove(&old);
-            idx.layers.insert(new, RangeSet::new());
-            idx.rebuild_chain(vec![new]);
-        }
         drop(inner);
-        let p = meta::layer_path(&self.dir, old);
-        crate::layer_file::remove_layer_files(&p)?;
+        crate::layer_file::remove_layer_files(&meta::layer_path(&self.dir, old))?;
         info!(dir = %self.dir.display(), "rebuild started: head discarded");
         Ok(())
     }
