@@ -61,11 +61,6 @@ impl Index {
         self.chain = chain;
     }
 
-    /// The head layer (last on the chain).
-    pub fn head(&self) -> Option<LayerId> {
-        self.chain.last().copied()
-    }
-
     /// Whether `layer` holds every block of `blocks`.
     pub fn layer_has_all(&self, layer: LayerId, blocks: Range<u64>) -> bool {
         match self.layers.get(&layer) {

@@ -8,9 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ironhorn_engine::control::EngineService;
 use ironhorn_engine::nbd::{NbdExport, NbdListen, NbdListener, parse_nbd_url};
-use ironhorn_engine::volume::{
-    DEFAULT_CONNS_PER_REPLICA, DEFAULT_REPLICA_TIMEOUT, Volume, VolumeConfig,
-};
+use ironhorn_engine::volume::{DEFAULT_CONNS_PER_REPLICA, Volume, VolumeConfig};
 use ironhorn_proto::engine::engine_control_client::EngineControlClient;
 use ironhorn_proto::engine::{self as pb};
 use serde_json::{Value, json};
@@ -67,13 +65,17 @@ pub struct ServeArgs {
     listen: String,
 
     /// Time a replica has to answer one request before it is dropped (e.g. 4s, 500ms).
-    #[arg(long, env = "IRONHORN_REPLICA_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
+    #[arg(long, env = "IRONHORN_REPLICA_TIMEOUT", default_value = REPLICA_TIMEOUT_DEFAULT, value_parser = parse_duration)]
     replica_timeout: Duration,
 
     /// Data connections to each replica.
     #[arg(long, env = "IRONHORN_CONNS_PER_REPLICA", default_value_t = DEFAULT_CONNS_PER_REPLICA)]
     conns_per_replica: usize,
 }
+
+/// `--replica-timeout` default, as text for clap; a test keeps it equal to
+/// [`ironhorn_engine::volume::DEFAULT_REPLICA_TIMEOUT`].
+const REPLICA_TIMEOUT_DEFAULT: &str = "4s";
 
 /// Parses `4s`, `500ms`, `1m` (humantime).
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -82,7 +84,6 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 
 impl ServeArgs {
     async fn run(self) -> anyhow::Result<()> {
-        let _ = DEFAULT_REPLICA_TIMEOUT;
         if self.conns_per_replica == 0 || self.conns_per_replica > 64 {
             bail!("--conns-per-replica must be between 1 and 64");
         }
@@ -352,18 +353,26 @@ impl CtlArgs {
         let mut c = EngineControlClient::new(channel);
         let json = self.json;
         let status = |s: tonic::Status| anyhow::anyhow!("{} ({:?})", s.message(), s.code());
+        // Each answer is printed as JSON with --json, as text otherwise.
+        let emit = |value: Value, text: &dyn Fn()| {
+            if json {
+                println!("{value}");
+            } else {
+                text();
+            }
+        };
         match self.command {
-            CtlCommand::Info => {
-                let i = c
-                    .info(pb::EngineInfoRequest {})
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                if json {
-                    println!("{}", info_json(&i));
-                } else {
-                    print_info(&i);
+            CtlCommand::Info | CtlCommand::Expand { .. } => {
+                let i = match self.command {
+                    CtlCommand::Expand { size } => {
+                        c.expand(pb::ExpandVolumeRequest { size: size.bytes() })
+                            .await
+                    }
+                    _ => c.info(pb::EngineInfoRequest {}).await,
                 }
+                .map_err(status)?
+                .into_inner();
+                emit(info_json(&i), &|| print_info(&i));
             }
             CtlCommand::Replica(r) => {
                 let i = match r {
@@ -377,63 +386,51 @@ impl CtlArgs {
                 }
                 .map_err(status)?
                 .into_inner();
-                if json {
-                    println!(
-                        "{}",
-                        Value::Array(i.replicas.iter().map(replica_json).collect())
-                    );
-                } else {
-                    print_replicas(&i.replicas);
-                }
+                let value = Value::Array(i.replicas.iter().map(replica_json).collect());
+                emit(value, &|| print_replicas(&i.replicas));
+            }
+            CtlCommand::Snapshot(SnapshotCtl::Create { name, labels }) => {
+                let labels: HashMap<String, String> = labels.into_iter().collect();
+                let r = c
+                    .create_snapshot(pb::SnapshotCreateRequest {
+                        name: name.unwrap_or_default(),
+                        labels,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                emit(json!({ "name": r.name }), &|| println!("{}", r.name));
             }
             CtlCommand::Snapshot(s) => {
                 let list = match s {
-                    SnapshotCtl::Create { name, labels } => {
-                        let labels: HashMap<String, String> = labels.into_iter().collect();
-                        let r = c
-                            .create_snapshot(pb::SnapshotCreateRequest {
-                                name: name.unwrap_or_default(),
-                                labels,
-                            })
-                            .await
-                            .map_err(status)?
-                            .into_inner();
-                        if json {
-                            println!("{}", json!({ "name": r.name }));
-                        } else {
-                            println!("{}", r.name);
-                        }
-                        return Ok(());
-                    }
-                    SnapshotCtl::Ls => c.list_snapshots(pb::SnapshotListRequest {}).await,
                     SnapshotCtl::Rm { name } => {
                         c.remove_snapshot(pb::SnapshotRemoveRequest { name }).await
                     }
                     SnapshotCtl::Revert { name } => {
                         c.revert_snapshot(pb::SnapshotRevertRequest { name }).await
                     }
+                    _ => c.list_snapshots(pb::SnapshotListRequest {}).await,
                 }
                 .map_err(status)?
                 .into_inner();
-                if json {
-                    println!("{}", snapshots_json(&list));
-                } else {
-                    print_snapshots(&list);
-                }
-            }
-            CtlCommand::Expand { size } => {
-                let i = c
-                    .expand(pb::ExpandVolumeRequest { size: size.bytes() })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                if json {
-                    println!("{}", info_json(&i));
-                } else {
-                    print_info(&i);
-                }
+                emit(snapshots_json(&list), &|| print_snapshots(&list));
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_timeout_default_is_the_engines() {
+        assert_eq!(
+            parse_duration(REPLICA_TIMEOUT_DEFAULT).unwrap(),
+            ironhorn_engine::volume::DEFAULT_REPLICA_TIMEOUT
+        );
+        assert!(parse_duration("soon").is_err());
     }
 }
