@@ -1,7 +1,11 @@
 //! Compiles the `.proto` files with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/replica.proto", "proto/engine.proto"];
+    let protos = [
+        "proto/replica.proto",
+        "proto/engine.proto",
+        "proto/agent.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

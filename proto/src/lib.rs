@@ -18,3 +18,9 @@ pub mod replica {
 pub mod engine {
     tonic::include_proto!("ironhorn.engine.v1");
 }
+
+/// Agent <-> manager service, generated from `proto/agent.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod agent {
+    tonic::include_proto!("ironhorn.agent.v1");
+}
