@@ -1,5 +1,6 @@
 //! Command-line interface: clap definitions and the code each subcommand runs.
 
+mod csi;
 mod engine;
 mod replica;
 mod up;
@@ -27,6 +28,8 @@ enum Command {
     /// The data path on this machine: replicas and an engine exporting a volume over NBD on
     /// 127.0.0.1; Ctrl-C stops it, running it again resumes the same volume.
     Up(up::UpArgs),
+    /// CSI driver (Identity, Controller, Node) on a unix socket, for Kubernetes.
+    Csi(csi::CsiArgs),
 }
 
 impl Cli {
@@ -41,6 +44,7 @@ impl Cli {
             Command::Replica(cmd) => cmd.run().await,
             Command::Engine(cmd) => cmd.run().await,
             Command::Up(args) => args.run().await,
+            Command::Csi(args) => args.run().await,
         }
     }
 }
