@@ -2,9 +2,9 @@
 
 const NS = 'http://www.w3.org/2000/svg';
 const W = 300;
-const H = 110;
-const PAD_L = 4;
-const PAD_T = 14;
+const H = 90;
+const PAD_L = 2;
+const PAD_T = 4;
 const PAD_B = 4;
 
 function svg(tag, attrs) {
@@ -20,7 +20,14 @@ export class LineChart {
     this.format = format ?? ((v) => v.toFixed(0));
     this.keep = keep;
     this.samples = [];
-    this.el = svg('svg', { class: 'chart', viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', role: 'img', 'aria-label': title });
+    this.svg = svg('svg', { class: 'chart', viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', 'aria-hidden': 'true' });
+    this.caption = document.createElement('div');
+    this.caption.className = 'caption';
+    this.el = document.createElement('figure');
+    this.el.className = 'chart-box';
+    this.el.style.margin = '0';
+    this.el.setAttribute('role', 'img');
+    this.el.append(this.caption, this.svg);
     this.title = title;
     this.draw();
   }
@@ -33,7 +40,7 @@ export class LineChart {
   }
 
   draw() {
-    const el = this.el;
+    const el = this.svg;
     while (el.firstChild) el.removeChild(el.firstChild);
     const max = Math.max(1e-9, ...this.samples.flat());
     const x = (i) => PAD_L + ((W - PAD_L * 2) * i) / Math.max(1, this.keep - 1);
@@ -49,9 +56,7 @@ export class LineChart {
       }
       labels.push(`${s.label} ${last ? this.format(last[k]) : '–'}`);
     });
-    const t = svg('text', { x: PAD_L, y: 10 });
-    t.textContent = `${this.title}: ${labels.join(' · ')} (max ${this.format(max === 1e-9 ? 0 : max)})`;
-    el.append(t);
-    el.setAttribute('aria-label', t.textContent);
+    this.caption.textContent = `${this.title}: ${labels.join(' · ')}`;
+    this.el.setAttribute('aria-label', `${this.caption.textContent} (max ${this.format(max === 1e-9 ? 0 : max)})`);
   }
 }

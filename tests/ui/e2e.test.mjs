@@ -1,0 +1,321 @@
+// End-to-end test of the web UI: a real cluster started like `ironhorn up` (manager, three
+// agents, replicas and engines as processes) on free ports, a moto S3 server, and Debian's
+// headless Chromium driven by playwright-core. Steps run in order in one browser session;
+// each saves a screenshot under target/ui-screenshots/.
+//
+// Run: cargo build && (cd tests/ui && npm ci && npm test)
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { launch, shot } from './lib/browser.mjs';
+import { startCluster } from './lib/cluster.mjs';
+import { startMoto, pidsMatching, run, sleep, tempDir } from './lib/procs.mjs';
+
+const VOL = 'ui-vol';
+const RESTORED = 'ui-restored';
+const SNAP = 'ui-snap-1';
+const BUCKET = 'ironhorn-ui';
+const VOL_SIZE_MIB = 192;
+
+let work;
+let moto;
+let cluster;
+let browser;
+let page;
+let api;
+let dataSha;
+
+let failed = null;
+/** One step; after a failed step the rest are skipped (they build on it). */
+const step = (name, fn) =>
+  test(name, { timeout: 300000 }, async (t) => {
+    if (failed) {
+      t.skip(`skipped: "${failed}" failed`);
+      return;
+    }
+    try {
+      await fn(t);
+    } catch (e) {
+      failed = name;
+      if (page) await shot(page, `failed-${name.replace(/[^a-z0-9]+/gi, '-').slice(0, 40)}`).catch(() => {});
+      if (cluster) console.log(cluster.tail());
+      throw e;
+    }
+  });
+
+before(async () => {
+  work = tempDir('ironhorn-ui-e2e-');
+  moto = await startMoto(work, BUCKET);
+  cluster = await startCluster(work, {
+    env: { AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test', AWS_REGION: 'us-east-1' },
+  });
+  api = cluster.api;
+  browser = await launch({ width: 1280, height: 900 });
+  page = browser.page;
+  page.setDefaultTimeout(30000);
+});
+
+after(async () => {
+  if (browser) {
+    if (browser.consoleErrors.length) console.log(`browser console errors:\n${browser.consoleErrors.join('\n')}`);
+    await browser.close();
+  }
+  if (cluster) await cluster.stop();
+  if (moto) await moto.proc.stop(3000);
+  if (work && !process.env.UI_KEEP_WORKDIR) fs.rmSync(work, { recursive: true, force: true });
+});
+
+async function goto(hash) {
+  await page.evaluate((h) => {
+    location.hash = h;
+  }, hash);
+  await page.waitForFunction((h) => location.hash === h, hash);
+}
+
+/** The volume as the manager has it. */
+const volume = (name) => api.get(`/v1/volumes/${name}`);
+
+step('sign in with the API token', async () => {
+  await page.goto(cluster.url);
+  await page.waitForSelector('#token');
+  await shot(page, 'signin');
+  // A wrong token is refused with the server's message and nothing is kept.
+  await page.fill('#token', 'not-the-token');
+  await page.click('form.signin button[type=submit]');
+  await page.waitForFunction(() => document.querySelector('form.signin [role=alert]')?.textContent.trim().length > 0);
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('ironhorn.token')), null);
+  await page.fill('#token', cluster.token);
+  await page.click('form.signin button[type=submit]');
+  await page.waitForSelector('h1:text("Dashboard")');
+  await page.waitForSelector('#live.on');
+  // The token lives in sessionStorage only.
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('ironhorn.token')), cluster.token);
+  assert.equal(await page.evaluate(() => localStorage.length), 0);
+  // Mark the document: the later steps check it is the same one (no reload).
+  await page.evaluate(() => {
+    window.__noReload = 'same-document';
+  });
+});
+
+step('dashboard shows the nodes and their capacity', async () => {
+  await page.waitForFunction(() => document.querySelectorAll('#main .bar').length >= 3, null, { timeout: 60000 });
+  for (const n of ['node-1', 'node-2', 'node-3']) await page.waitForSelector(`#main strong:text("${n}")`);
+  await shot(page, 'dashboard');
+});
+
+step('create a volume', async () => {
+  await goto('#/volumes');
+  await page.click('#create-volume');
+  const dlg = page.locator('dialog[open]');
+  await dlg.locator('input[name=name]').fill('Bad_Name');
+  await dlg.locator('button[type=submit]').click();
+  // Checked as typed: the dialog stays open with the reason.
+  await dlg.locator('.error:has-text("Lower-case")').waitFor();
+  await dlg.locator('input[name=name]').fill(VOL);
+  await dlg.locator('input[name=size]').fill(`${VOL_SIZE_MIB}MiB`);
+  await dlg.locator('input[name=replicas]').fill('3');
+  await dlg.locator('button[type=submit]').click();
+  await dlg.waitFor({ state: 'detached' });
+  await page.waitForSelector(`tr[data-key="${VOL}"]`);
+  const v = await volume(VOL);
+  assert.equal(v.spec.size, VOL_SIZE_MIB * 1024 * 1024);
+  assert.equal(v.spec.numberOfReplicas, 3);
+  // Creating it again is refused with the server's message, shown in the dialog.
+  await page.click('#create-volume');
+  await dlg.locator('input[name=name]').fill(VOL);
+  await dlg.locator('input[name=size]').fill('64MiB');
+  await dlg.locator('button[type=submit]').click();
+  await dlg.locator('.server-error').filter({ hasText: /\S/ }).waitFor();
+  await dlg.locator('button:text("Cancel")').click();
+  await dlg.waitFor({ state: 'detached' });
+  await page.waitForSelector(`tr[data-key="${VOL}"] .badge.detached`, { timeout: 90000 });
+  await shot(page, 'volumes');
+});
+
+step('attach the volume to node-1', async () => {
+  await page.click(`tr[data-key="${VOL}"] button[aria-label="Attach ${VOL}"]`);
+  const dlg = page.locator('dialog[open]');
+  await dlg.locator('select[name=node]').selectOption('node-1');
+  await dlg.locator('button[type=submit]').click();
+  await dlg.waitFor({ state: 'detached' });
+  await page.waitForSelector(`tr[data-key="${VOL}"] .badge.attached`, { timeout: 90000 });
+  await page.waitForSelector(`tr[data-key="${VOL}"] .badge.healthy`, { timeout: 90000 });
+  const v = await volume(VOL);
+  assert.equal(v.status.currentNode, 'node-1');
+  assert.ok(v.status.endpoint, 'an attached volume has an endpoint');
+});
+
+step('write data through the volume (nbdcopy)', async () => {
+  const v = await volume(VOL);
+  const file = path.join(work, 'data.bin');
+  const buf = crypto.randomBytes(VOL_SIZE_MIB * 1024 * 1024);
+  fs.writeFileSync(file, buf);
+  dataSha = crypto.createHash('sha256').update(buf).digest('hex');
+  run('nbdcopy', [file, v.status.endpoint], { timeout: 180000 });
+  fs.rmSync(file);
+});
+
+step('a killed replica: degraded → rebuilding (progress moves) → healthy, live', async () => {
+  await goto(`#/volumes/${VOL}`);
+  await page.waitForSelector('#robustness[data-value=healthy]');
+  // Record every state the page shows, as it shows it (a MutationObserver in the page).
+  await page.evaluate(() => {
+    window.__seen = { robustness: [], progress: [], rebuilding: false };
+    const record = () => {
+      const r = document.querySelector('#robustness')?.dataset.value;
+      const s = window.__seen;
+      if (r && s.robustness[s.robustness.length - 1] !== r) s.robustness.push(r);
+      if (document.querySelector('#rebuilding')) s.rebuilding = true;
+      for (const p of document.querySelectorAll('#replicas td.rebuild progress')) {
+        const v = Number(p.value);
+        if (s.progress[s.progress.length - 1] !== v) s.progress.push(v);
+      }
+    };
+    new MutationObserver(record).observe(document.getElementById('main'), { subtree: true, childList: true, attributes: true, characterData: true });
+    record();
+  });
+  const replicas = (await api.list('/v1/replicas')).filter((r) => r.spec.volumeName === VOL);
+  assert.equal(replicas.length, 3);
+  const victim = replicas.find((r) => r.spec.nodeId !== 'node-1') ?? replicas[0];
+  const pids = pidsMatching('replica', 'serve', victim.spec.dataDir || victim.metadata.name);
+  assert.ok(pids.length >= 1, `the process of replica ${victim.metadata.name} is found`);
+  for (const pid of pids) process.kill(pid, 'SIGKILL');
+
+  await page.waitForSelector('#robustness[data-value=degraded]', { timeout: 60000 });
+  await shot(page, 'volume-degraded');
+  await page.waitForSelector('#replicas td.rebuild progress', { timeout: 120000 });
+  await shot(page, 'volume-rebuilding');
+  await page.waitForSelector('#robustness[data-value=healthy]', { timeout: 180000 });
+  const seen = await page.evaluate(() => window.__seen);
+  assert.ok(seen.robustness.indexOf('degraded') >= 0 && seen.robustness.lastIndexOf('healthy') > seen.robustness.indexOf('degraded'), `robustness went degraded then healthy: ${JSON.stringify(seen)}`);
+  assert.ok(seen.rebuilding, 'the page showed the rebuild');
+  assert.ok(new Set(seen.progress).size >= 2, `the progress bar moved: ${JSON.stringify(seen.progress)}`);
+  assert.equal(await page.evaluate(() => window.__noReload), 'same-document', 'no reload happened');
+  const rs = (await api.list('/v1/replicas')).filter((r) => r.spec.volumeName === VOL);
+  await page.waitForFunction(() => [...document.querySelectorAll('#replicas tbody tr')].filter((tr) => tr.dataset.mode === 'RW').length === 3);
+  assert.ok(rs.length >= 3);
+});
+
+step('take a snapshot and see it in the tree', async () => {
+  await page.click('#take-snapshot');
+  const dlg = page.locator('dialog[open]');
+  await dlg.locator('input[name=name]').fill(SNAP);
+  await dlg.locator('button[type=submit]').click();
+  await dlg.waitFor({ state: 'detached' });
+  await page.waitForSelector(`#snapshot-tree [data-snapshot="${SNAP}"]`);
+  await page.waitForSelector(`#snapshot-tree [data-snapshot="${SNAP}"] .badge.ready`, { timeout: 60000 });
+  await shot(page, 'volume');
+});
+
+step('back up to S3 (moto) and restore into a new volume', async () => {
+  await goto('#/backups');
+  await page.click('button:text("Set target")');
+  const dlg = page.locator('dialog[open]');
+  const url = `s3://${BUCKET}/backups?endpoint=${moto.endpoint}&region=us-east-1`;
+  await dlg.locator('input[name=url]').fill(url);
+  await dlg.locator('button[type=submit]').click();
+  await dlg.waitFor({ state: 'detached' });
+  await page.waitForSelector('#target-url:text("s3://")');
+  await page.waitForSelector('.panel .badge.available', { timeout: 60000 });
+
+  await goto(`#/volumes/${VOL}`);
+  await page.click(`button[aria-label="Back up ${SNAP}"]`);
+  await goto('#/backups');
+  await page.waitForSelector(`section[data-key="${VOL}"] .badge.completed`, { timeout: 180000 });
+  const backups = (await api.list('/v1/backups')).filter((b) => b.spec.volume === VOL && b.status?.state === 'completed');
+  assert.equal(backups.length, 1);
+  const backup = backups[0].metadata.name;
+  assert.ok(backups[0].status.size > 0, 'the backup holds data');
+  await shot(page, 'backups');
+
+  await page.click(`button[aria-label="Restore ${backup}"]`);
+  await dlg.locator('input[name=name]').fill(RESTORED);
+  assert.equal(await dlg.locator('select[name=fromBackup]').inputValue(), backup);
+  await dlg.locator('button[type=submit]').click();
+  await dlg.waitFor({ state: 'detached' });
+  await goto('#/volumes');
+  await page.waitForSelector(`tr[data-key="${RESTORED}"]`);
+  await api.until(`${RESTORED} restored`, async () => {
+    const v = await volume(RESTORED);
+    return v.status?.state === 'detached' && (v.status.conditions ?? []).some((c) => c.type === 'Restored' && c.status === 'True') && v;
+  }, 180000);
+  // The restored data is the data written: attach and read it back.
+  await page.click(`tr[data-key="${RESTORED}"] button[aria-label="Attach ${RESTORED}"]`);
+  await dlg.locator('select[name=node]').selectOption('node-2');
+  await dlg.locator('button[type=submit]').click();
+  await page.waitForSelector(`tr[data-key="${RESTORED}"] .badge.attached`, { timeout: 90000 });
+  const v = await volume(RESTORED);
+  const out = path.join(work, 'restored.bin');
+  run('nbdcopy', [v.status.endpoint, out], { timeout: 180000 });
+  const sha = crypto.createHash('sha256').update(fs.readFileSync(out)).digest('hex');
+  fs.rmSync(out);
+  assert.equal(sha, dataSha, 'the restored volume holds the backed-up data');
+});
+
+step('nodes page: a schedulable switch changes the node on the server', async () => {
+  await goto('#/nodes');
+  await page.waitForSelector('section[data-key="node-3"]');
+  await shot(page, 'nodes');
+  const sw = page.locator('input[aria-label="Node node-3 schedulable"]');
+  await sw.uncheck();
+  await api.until('node-3 unschedulable', async () => (await api.get('/v1/nodes/node-3')).spec.allowScheduling === false);
+  await sw.check();
+  await api.until('node-3 schedulable again', async () => (await api.get('/v1/nodes/node-3')).spec.allowScheduling === true);
+});
+
+step('settings: a good value is saved, a bad one is refused with the reason', async () => {
+  await goto('#/settings');
+  await page.waitForSelector('#settings form.setting');
+  await shot(page, 'settings');
+  const s = cluster.settingToChange;
+  const input = page.locator(`#setting-${s.name}`);
+  const form = page.locator(`form.setting[data-key="${s.name}"]`);
+  await input.fill(s.good);
+  await form.locator('button[type=submit]').click();
+  await api.until(`${s.name} = ${s.good}`, async () => (await api.get(`/v1/settings/${s.name}`)).spec.value === s.good);
+  // Out of bounds: refused as typed.
+  await input.fill(s.outOfBounds);
+  await form.locator('.error').filter({ hasText: /\S/ }).waitFor();
+  assert.ok(await form.locator('button[type=submit]').isDisabled());
+  // A value only the server can judge: refused by the server, its message shown.
+  await input.fill(s.serverRefuses);
+  await form.locator('button[type=submit]').click();
+  await form.locator('.error').filter({ hasText: s.serverMessage }).waitFor();
+  assert.equal((await api.get(`/v1/settings/${s.name}`)).spec.value, s.good, 'the refused value changed nothing');
+});
+
+step('narrow window and dark mode', async () => {
+  await page.setViewportSize({ width: 420, height: 860 });
+  await page.emulateMedia({ colorScheme: 'dark' });
+  await goto(`#/volumes/${VOL}`);
+  await page.waitForSelector('#robustness');
+  await sleep(300);
+  await shot(page, 'volume-narrow-dark');
+  await goto('#/');
+  await sleep(300);
+  await shot(page, 'dashboard-narrow-dark');
+  // The menu opens from the keyboard.
+  await page.focus('#nav-toggle');
+  await page.keyboard.press('Enter');
+  await page.waitForSelector('nav.open');
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.emulateMedia({ colorScheme: 'light' });
+});
+
+step('delete the restored volume after a confirmation that names it', async () => {
+  await goto('#/volumes');
+  await page.click(`tr[data-key="${RESTORED}"] button[aria-label="Delete ${RESTORED}"]`);
+  const dlg = page.locator('dialog[open]');
+  await dlg.locator(`h2:has-text("${RESTORED}")`).waitFor();
+  await dlg.locator('input[name=confirm]').fill('wrong');
+  await dlg.locator('button[type=submit]').click();
+  await dlg.locator('.error').filter({ hasText: RESTORED }).waitFor();
+  await dlg.locator('input[name=confirm]').fill(RESTORED);
+  await dlg.locator('button[type=submit]').click();
+  await dlg.waitFor({ state: 'detached' });
+  await page.waitForSelector(`tr[data-key="${RESTORED}"]`, { state: 'detached', timeout: 120000 });
+  assert.equal(browser.consoleErrors.filter((e) => !/Failed to load resource/.test(e)).length, 0, browser.consoleErrors.join('\n'));
+});
