@@ -2,6 +2,7 @@
 
 mod csi;
 mod engine;
+mod nbd;
 mod replica;
 mod up;
 
@@ -30,6 +31,10 @@ enum Command {
     Up(up::UpArgs),
     /// CSI driver (Identity, Controller, Node) on a unix socket, for Kubernetes.
     Csi(csi::CsiArgs),
+    /// Kernel NBD client: attach an export to /dev/nbdN (kept connected across engine
+    /// restarts), list, detach.
+    #[command(subcommand)]
+    Nbd(nbd::NbdCommand),
 }
 
 impl Cli {
@@ -45,6 +50,7 @@ impl Cli {
             Command::Engine(cmd) => cmd.run().await,
             Command::Up(args) => args.run().await,
             Command::Csi(args) => args.run().await,
+            Command::Nbd(cmd) => cmd.run().await,
         }
     }
 }

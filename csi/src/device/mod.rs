@@ -8,13 +8,15 @@
 //!   loop devices, so it works where the kernel has no `nbd` module (CI machines, this
 //!   machine). nbdfuse learns the export's size when it connects, so the device grows only
 //!   when attached again: [`AttachScheme::grows_online`] is false.
-//! - `kernel-nbd`: the kernel's nbd driver (`/dev/nbdN`), for real nodes; lives in
-//!   `kernel_nbd.rs` once built.
+//! - `kernel-nbd` ([`kernel_nbd::KernelNbd`]): the kernel's nbd driver (`/dev/nbdN`)
+//!   through its netlink interface, for real nodes; a supervisor thread per device
+//!   reconnects when the engine restarts.
 //!
 //! Every scheme keeps what it needs to find an attachment again (after a driver restart)
 //! on the host, under the driver's state directory, so that staging is idempotent: find
 //! before attach.
 
+pub mod kernel_nbd;
 pub mod nbdfuse;
 
 use std::fmt;
@@ -170,10 +172,9 @@ pub fn open_scheme(
 ) -> Result<Arc<dyn AttachScheme>, DeviceError> {
     match kind {
         SchemeKind::Nbdfuse => Ok(Arc::new(nbdfuse::Nbdfuse::new(state_dir))),
-        SchemeKind::KernelNbd => Err(DeviceError::Unsupported {
-            scheme: "kernel-nbd",
-            what: "run yet: it is not built in this version".into(),
-        }),
+        SchemeKind::KernelNbd => Ok(Arc::new(kernel_nbd::KernelNbd::new(
+            kernel_nbd::AttachOptions::default(),
+        ))),
     }
 }
 

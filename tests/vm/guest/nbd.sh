@@ -1,0 +1,79 @@
+#!/bin/sh
+# Kernel NBD through `ironhorn nbd attach --supervise`: ext4 on /dev/nbdN, the engine
+# SIGKILLed and restarted under the mounted file system while a writer runs, files intact,
+# fsck clean, detach; then fio with verify on the device.
+set -u
+. /guest/lib.sh
+
+URI=nbd://127.0.0.1:10809/vnbd
+t nbd-start
+modprobe nbd nbds_max=4 || fail "nbd: modprobe nbd"
+start_replica vnbd-r1 9602 256MiB
+start_replica vnbd-r2 9604 256MiB
+start_engine vnbd 256MiB 10809 9600 127.0.0.1:9602 127.0.0.1:9604
+wait_until 30 port_open 10809 || fail "nbd: engine did not listen"
+t nbd-engine-up
+
+ironhorn nbd attach "$URI" --supervise --io-timeout 5s --dead-conn-timeout 60s \
+    >/tmp/attach.out 2>>"$LOGS/nbd-attach.log" &
+SUP=$!
+wait_until 30 grep -q /dev/nbd /tmp/attach.out || fail "nbd: attach printed no device"
+DEV=$(cat /tmp/attach.out)
+NAME=${DEV#/dev/}
+[ "$(cat /sys/block/$NAME/size)" = "524288" ] || fail "nbd: $DEV has $(cat /sys/block/$NAME/size) sectors, not 524288"
+grep -q "ironhorn:$URI" /sys/block/$NAME/backend || fail "nbd: backend identifier $(cat /sys/block/$NAME/backend)"
+t nbd-attached
+# A second attach finds the first instead of taking another device.
+AGAIN=$(ironhorn nbd attach "$URI" 2>>"$LOGS/nbd-attach.log") || fail "nbd: second attach failed"
+[ "$AGAIN" = "$DEV" ] || fail "nbd: second attach gave $AGAIN, not $DEV"
+[ "$(ironhorn nbd ls | wc -l)" = "1" ] || fail "nbd: ls shows $(ironhorn nbd ls)"
+pass nbd-attach-idempotent
+
+mkfs.ext4 -q -F "$DEV" || fail "nbd: mkfs.ext4"
+mount -t ext4 "$DEV" /mnt || fail "nbd: mount"
+write_files /mnt/before 4 8 || fail "nbd: write files"
+sync
+t nbd-written
+
+# Kill the engine under the mounted file system, with a writer running across the outage.
+(dd if=/dev/urandom of=/mnt/during bs=1M count=16 conv=fsync 2>/dev/null && md5sum /mnt/during >/tmp/during.md5) &
+WRITER=$!
+sleep 0.5
+kill -9 "$(cat /tmp/engine-vnbd.pid)"
+t nbd-engine-killed
+sleep 2
+start_engine vnbd 256MiB 10809 9600 127.0.0.1:9602 127.0.0.1:9604
+wait_until 60 grep -q reconnected "$LOGS/nbd-attach.log" || fail "nbd: no reconnection after the engine restart"
+t nbd-reconnected
+wait "$WRITER" || fail "nbd: the writer across the engine restart failed"
+write_files /mnt/after 2 4 || fail "nbd: write after restart"
+sync
+echo 3 >/proc/sys/vm/drop_caches
+check_files /mnt/before || fail "nbd: files written before the restart changed"
+check_files /mnt/after || fail "nbd: files written after the restart changed"
+md5sum -c /tmp/during.md5 >/dev/null || fail "nbd: file written across the restart changed"
+no_io_errors "$NAME" || fail "nbd: the kernel logged I/O errors: $(dmesg | grep -i 'error' | tail -3)"
+pass nbd-engine-restart-under-mount
+
+umount /mnt || fail "nbd: umount"
+e2fsck -fn "$DEV" >"$LOGS/nbd-fsck.log" 2>&1 || fail "nbd: e2fsck found problems"
+pass nbd-fsck-clean
+
+ironhorn nbd detach "$DEV" >>"$LOGS/nbd-attach.log" 2>&1 || fail "nbd: detach"
+[ -e /sys/block/$NAME/pid ] && fail "nbd: $DEV still connected after detach"
+wait_until 10 sh -c "! kill -0 $SUP" || fail "nbd: supervisor did not end after detach"
+wait "$SUP" || fail "nbd: supervisor exited non-zero"
+pass nbd-detach
+t nbd-detached
+
+# fio with verify on a fresh attachment (kernel-picked device, no supervisor).
+DEV=$(ironhorn nbd attach "$URI" 2>>"$LOGS/nbd-attach.log") || fail "nbd: re-attach"
+fio_verify "$DEV" nbd || fail "nbd: fio verify"
+ironhorn nbd detach "$URI" >>"$LOGS/nbd-attach.log" 2>&1 || fail "nbd: detach by URI"
+pass nbd-fio-verify
+t nbd-fio-done
+
+stop_pid /tmp/engine-vnbd.pid
+stop_pid /tmp/vnbd-r1.pid
+stop_pid /tmp/vnbd-r2.pid
+t nbd-end
