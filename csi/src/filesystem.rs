@@ -62,6 +62,42 @@ pub fn grow(device: &Path, mount_point: &Path, fs_type: &str) -> Result<(), Exec
     Ok(())
 }
 
+/// Grows an unmounted ext2/3/4 filesystem on `device` to fill it, when it is smaller:
+/// `e2fsck -f -p` (resize2fs insists on a checked filesystem), then `resize2fs`.
+pub fn grow_offline(device: &Path) -> Result<(), ExecError> {
+    let info = exec::run(
+        "dumpe2fs",
+        &["-h".as_ref(), device.as_os_str()],
+        exec::QUICK,
+    )?;
+    let text = String::from_utf8_lossy(&info.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let (Some(blocks), Some(block_size)) = (field("Block count:"), field("Block size:")) else {
+        return Ok(());
+    };
+    let device_bytes = crate::device::device_size(device).unwrap_or(0);
+    if blocks * block_size + block_size > device_bytes {
+        return Ok(());
+    }
+    tracing::info!(device = %device.display(), fs_bytes = blocks * block_size, device_bytes, "growing the filesystem to the device");
+    // e2fsck exits 1 when it fixed something, which is fine here.
+    if let Err(e) = exec::run(
+        "e2fsck",
+        &["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
+        exec::LONG,
+    ) {
+        if e.code() != Some(1) {
+            return Err(e);
+        }
+    }
+    exec::run("resize2fs", &[device.as_os_str()], exec::LONG)?;
+    Ok(())
+}
+
 /// Splits StorageClass `mkfsParams` into arguments (whitespace separated, no quoting).
 pub fn split_params(params: &str) -> Vec<String> {
     params.split_whitespace().map(str::to_owned).collect()

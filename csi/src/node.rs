@@ -103,6 +103,19 @@ fn mounted_at(path: &Path, doing: &str) -> Result<Option<mount::MountEntry>, Csi
     mount::mounted_at(path).map_err(|e| CsiError::mount(doing.to_owned(), e))
 }
 
+/// Whether `a` and `b` are both the same block device (device file or bind mount of one).
+fn same_device(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(ma), Ok(mb)) => {
+            ma.file_type().is_block_device()
+                && mb.file_type().is_block_device()
+                && ma.rdev() == mb.rdev()
+        }
+        _ => false,
+    }
+}
+
 fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
@@ -253,6 +266,13 @@ impl NodeOps {
                         dev.display()
                     )));
                 }
+                if existing.starts_with("ext") && !read_only {
+                    // A volume expanded while detached: grow its filesystem before mounting
+                    // (offline growth needs no privilege beyond opening the device).
+                    filesystem::grow_offline(dev).map_err(|e| {
+                        CsiError::exec(format!("grow {existing} on {}", dev.display()), e)
+                    })?;
+                }
                 existing
             }
         };
@@ -273,6 +293,13 @@ impl NodeOps {
                 e,
             )
         })?;
+        if fs_type == "xfs" && !read_only {
+            // XFS grows only while mounted.
+            if let Err(e) = filesystem::grow(dev, staging, "xfs") {
+                let _ = mount::umount(staging);
+                return Err(CsiError::exec(format!("grow xfs on {}", dev.display()), e));
+            }
+        }
         tracing::info!(device = %dev.display(), fs = fs_type, "staged");
         Ok(())
     }
@@ -333,8 +360,13 @@ impl NodeOps {
             }
         };
         if let Some(m) = mounted_at(target, "read the target path's mount")? {
-            // Published already: the same volume with the same access is success.
-            if Path::new(&m.source) == source && m.read_only() == read_only {
+            // Published already: the same volume with the same access is success. A bound
+            // device file shows devtmpfs as its source: compare the device numbers.
+            let same_source = match &cap.access {
+                Access::Mount { .. } => Path::new(&m.source) == source,
+                Access::Block => same_device(target, &source),
+            };
+            if same_source && m.read_only() == read_only {
                 return Ok(());
             }
             return Err(CsiError::AlreadyExists(format!(
