@@ -1,0 +1,151 @@
+//! Snapshot controller: a Snapshot resource is taken on its volume's running engine (the
+//! engine snapshots every replica at the same point of the write stream), and a deleted one
+//! is removed (purged into its child) on the engine before the resource goes. The
+//! engine's snapshot is named like the resource.
+
+use kube::ResourceExt;
+use tracing::{info, warn};
+
+use super::patch::{patch_spec, patch_status};
+use super::world::World;
+use super::{Context, Controller, ControllerError};
+use crate::resources::condition::{ConditionStatus, set_condition};
+use crate::resources::engine::InstanceState;
+use crate::resources::snapshot::Snapshot;
+
+/// Finalizer that keeps a Snapshot until the engine removed it.
+pub const FINALIZER: &str = "ironhorn.io/snapshot";
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct SnapshotController;
+
+#[async_trait::async_trait]
+impl Controller for SnapshotController {
+    fn name(&self) -> &'static str {
+        "snapshot"
+    }
+
+    async fn reconcile(&self, ctx: &Context, world: &World) -> Result<(), ControllerError> {
+        for s in &world.snapshots {
+            let name = s.name_any();
+            let volume = world.volume(&s.spec.volume);
+            let engine = world
+                .engine_of(&s.spec.volume)
+                .and_then(|e| e.status.as_ref())
+                .filter(|st| st.state == InstanceState::Running)
+                .and_then(|st| st.control_address.clone());
+            if s.metadata.deletion_timestamp.is_some() {
+                let removed = match (&engine, volume) {
+                    (_, None) => true,
+                    (Some(a), Some(_)) => match ctx.engines.remove_snapshot(a, &name).await {
+                        Ok(()) => true,
+                        Err(e) if e.code == tonic::Code::NotFound => true,
+                        Err(e) => {
+                            warn!(snapshot = %name, error = %e, "remove snapshot");
+                            false
+                        }
+                    },
+                    // Removed when the volume is attached again.
+                    (None, Some(_)) => false,
+                };
+                if removed {
+                    info!(snapshot = %name, volume = %s.spec.volume, "snapshot removed");
+                    patch_spec::<Snapshot, _>(&ctx.store, &name, |o| {
+                        if let Some(f) = o.metadata.finalizers.as_mut() {
+                            f.retain(|f| f != FINALIZER);
+                        }
+                    })
+                    .await?;
+                }
+                continue;
+            }
+            if volume.is_none() {
+                super::patch::delete::<Snapshot>(&ctx.store, &name).await?;
+                continue;
+            }
+            let ready = s.status.as_ref().is_some_and(|st| st.ready_to_use);
+            if ready {
+                continue;
+            }
+            let mut st = s.status.clone().unwrap_or_default();
+            match &engine {
+                None => {
+                    set_condition(
+                        &mut st.conditions,
+                        "Ready",
+                        ConditionStatus::False,
+                        "VolumeNotAttached",
+                        "the volume must be attached to take a snapshot; it is taken once it is",
+                    );
+                }
+                Some(a) => {
+                    if !s.finalizers().iter().any(|f| f == FINALIZER) {
+                        patch_spec::<Snapshot, _>(&ctx.store, &name, |o| {
+                            let f = o.metadata.finalizers.get_or_insert_with(Vec::new);
+                            if !f.iter().any(|f| f == FINALIZER) {
+                                f.push(FINALIZER.to_owned());
+                            }
+                        })
+                        .await?;
+                    }
+                    match ctx.engines.create_snapshot(a, &name, s.spec.labels.clone()).await {
+                        Ok(_) => {}
+                        // Taken already (a pass that died before recording it).
+                        Err(e) if e.code == tonic::Code::AlreadyExists => {}
+                        Err(e) => {
+                            st.error = Some(e.to_string());
+                            set_condition(
+                                &mut st.conditions,
+                                "Ready",
+                                ConditionStatus::False,
+                                "SnapshotFailed",
+                                &e.to_string(),
+                            );
+                            patch_status::<Snapshot, _>(&ctx.store, &name, |o| {
+                                o.status = Some(st.clone());
+                            })
+                            .await?;
+                            continue;
+                        }
+                    }
+                    let list = ctx.engines.snapshots(a).await?;
+                    let taken = list.snapshots.iter().find(|x| x.name == name);
+                    st.ready_to_use = taken.is_some();
+                    st.error = None;
+                    if let Some(t) = taken {
+                        st.parent = (!t.parent.is_empty()).then(|| t.parent.clone());
+                        st.creation_time = jiff::Timestamp::from_millisecond(t.created_unix_ms)
+                            .ok()
+                            .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time);
+                    }
+                    st.size = world
+                        .volume(&s.spec.volume)
+                        .and_then(|v| v.status.as_ref())
+                        .map(|v| v.current_size)
+                        .unwrap_or(0);
+                    set_condition(
+                        &mut st.conditions,
+                        "Ready",
+                        ConditionStatus::True,
+                        "Taken",
+                        "every replica holds the snapshot",
+                    );
+                    info!(snapshot = %name, volume = %s.spec.volume, "snapshot taken");
+                    patch_status::<Snapshot, _>(&ctx.store, &name, |o| {
+                        o.status = Some(st.clone());
+                    })
+                    .await?;
+                    continue;
+                }
+            }
+            if s.status.as_ref() != Some(&st) {
+                patch_status::<Snapshot, _>(&ctx.store, &name, |o| {
+                    o.status = Some(st.clone());
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
