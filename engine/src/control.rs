@@ -1,11 +1,13 @@
 //! The `EngineControl` gRPC service: a thin adapter over [`Volume`].
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ironhorn_proto::engine::engine_control_server::{EngineControl, EngineControlServer};
 use ironhorn_proto::engine::{self as pb};
+use ironhorn_proto::replica::{self as rpb, replica_backup_client::ReplicaBackupClient};
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::volume::{Mode, SnapshotInfo, Volume};
 
@@ -14,12 +16,40 @@ use crate::volume::{Mode, SnapshotInfo, Volume};
 pub struct EngineService {
     volume: Arc<Volume>,
     frontends: Vec<String>,
+    backups: Arc<Backups>,
+}
+
+/// Most backup jobs remembered for `info`.
+pub const BACKUP_HISTORY: usize = 16;
+
+/// Backup jobs started through this engine (newest last).
+#[derive(Default)]
+struct Backups {
+    next: AtomicU64,
+    jobs: Mutex<Vec<pb::BackupStatus>>,
+}
+
+impl Backups {
+    fn update(&self, job: u64, f: impl FnOnce(&mut pb::BackupStatus)) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(j) = jobs.iter_mut().find(|j| j.job == job) {
+            f(j);
+        }
+    }
+
+    fn list(&self) -> Vec<pb::BackupStatus> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 impl EngineService {
     /// A service over `volume`, whose frontends are listed in `info`.
     pub fn new(volume: Arc<Volume>, frontends: Vec<String>) -> Self {
-        EngineService { volume, frontends }
+        EngineService {
+            volume,
+            frontends,
+            backups: Arc::default(),
+        }
     }
 
     /// Wraps the service for `tonic::transport::Server::add_service`.
@@ -53,6 +83,7 @@ impl EngineService {
             replicas,
             epoch: self.volume.epoch(),
             robustness: self.volume.robustness().await.to_owned(),
+            backups: self.backups.list(),
         }
     }
 
@@ -158,6 +189,116 @@ impl EngineControl for EngineService {
         require("name", &name)?;
         self.volume.revert(&name).await?;
         Ok(Response::new(self.snapshot_list().await?))
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<pb::BackupCreateRequest>,
+    ) -> Result<Response<pb::BackupStatus>, Status> {
+        let r = request.into_inner();
+        require("snapshot", &r.snapshot)?;
+        require("target", &r.target)?;
+        let volume = if r.volume.is_empty() {
+            self.volume.name().to_owned()
+        } else {
+            r.volume.clone()
+        };
+        // The snapshot must exist on the volume (so on every RW replica).
+        let snapshots = self.volume.snapshots().await?;
+        if !snapshots.iter().any(|s| s.name == r.snapshot && !s.is_head) {
+            return Err(Status::not_found(format!(
+                "snapshot {:?} not found",
+                r.snapshot
+            )));
+        }
+        let replica = self
+            .volume
+            .replicas()
+            .await
+            .into_iter()
+            .find(|x| x.mode == Mode::RW)
+            .map(|x| x.address)
+            .ok_or_else(|| {
+                Status::failed_precondition("no healthy (RW) replica to back up from")
+            })?;
+        let mut client = ReplicaBackupClient::connect(format!("http://{replica}"))
+            .await
+            .map_err(|e| Status::unavailable(format!("connect to replica {replica}: {e}")))?;
+        let mut stream = client
+            .create_backup(rpb::CreateBackupRequest {
+                snapshot: r.snapshot.clone(),
+                target: r.target.clone(),
+                volume,
+                labels: r.labels,
+                compression: r.compression,
+                block_size: r.block_size,
+                concurrency: 0,
+            })
+            .await?
+            .into_inner();
+        let job = self.backups.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let status = pb::BackupStatus {
+            job,
+            snapshot: r.snapshot.clone(),
+            target: r.target.clone(),
+            replica: replica.clone(),
+            state: "running".into(),
+            ..Default::default()
+        };
+        {
+            let mut jobs = self.backups.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            jobs.push(status.clone());
+            let excess = jobs.len().saturating_sub(BACKUP_HISTORY);
+            jobs.drain(..excess);
+        }
+        let backups = self.backups.clone();
+        let span = info_span!("backup", job, snapshot = %r.snapshot, replica = %replica);
+        tokio::spawn(
+            async move {
+                loop {
+                    match stream.message().await {
+                        Ok(Some(p)) => {
+                            let done = !p.backup_id.is_empty();
+                            backups.update(job, |j| {
+                                j.phase = p.phase.clone();
+                                j.total_bytes = p.total_bytes;
+                                j.done_bytes = p.done_bytes;
+                                j.total_blocks = p.total_blocks;
+                                j.done_blocks = p.done_blocks;
+                                j.uploaded_blocks = p.uploaded_blocks;
+                                j.uploaded_bytes = p.uploaded_bytes;
+                                j.skipped_blocks = p.skipped_blocks;
+                                if done {
+                                    j.state = "done".into();
+                                    j.backup_id = p.backup_id.clone();
+                                }
+                            });
+                            if done {
+                                info!(backup = %p.backup_id, "backup done");
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            backups.update(job, |j| {
+                                j.state = "error".into();
+                                j.error = "the replica ended the backup without a result".into();
+                            });
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(error = %e.message(), "backup failed");
+                            backups.update(job, |j| {
+                                j.state = "error".into();
+                                j.error = e.message().to_owned();
+                            });
+                            return;
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(status))
     }
 
     async fn expand(

@@ -10,6 +10,3 @@
 
 pub mod resources;
 pub mod store;
-pub mod agent;
-pub mod controllers;
-pub mod scheduler;

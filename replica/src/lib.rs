@@ -5,7 +5,9 @@
 //! - [`meta`]: the atomically replaced metadata file.
 //! - [`checksum`]: per-chunk crc32 of frozen layers, for rebuild and scrub.
 //! - [`layer_file`]: one layer's sparse file.
+//! - [`backup`]: a snapshot as a backup source; a new replica as a restore destination.
 
+pub mod backup;
 pub mod checksum;
 pub mod error;
 #[doc(hidden)]

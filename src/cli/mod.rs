@@ -1,5 +1,7 @@
 //! Command-line interface: clap definitions and the code each subcommand runs.
 
+mod agent;
+mod backup;
 mod csi;
 mod engine;
 mod nbd;
@@ -23,6 +25,12 @@ enum Command {
     /// Replica process: serves one replica of one volume from a directory.
     #[command(subcommand)]
     Replica(replica::ReplicaCommand),
+    /// Backups to object storage (S3 or a directory): create, ls, inspect, rm, gc, verify,
+    /// restore.
+    Backup(backup::BackupArgs),
+    /// Node agent: registers the node and its disks with the manager and runs the engine and
+    /// replica processes the manager wants on this node.
+    Agent(agent::AgentArgs),
     /// Engine process: serves one volume over NBD, mirrored to its replicas; and its control.
     #[command(subcommand)]
     Engine(engine::EngineCommand),
@@ -47,6 +55,8 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Replica(cmd) => cmd.run().await,
+            Command::Backup(args) => args.run().await,
+            Command::Agent(args) => args.run().await,
             Command::Engine(cmd) => cmd.run().await,
             Command::Up(args) => args.run().await,
             Command::Csi(args) => args.run().await,

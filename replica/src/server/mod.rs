@@ -5,6 +5,7 @@
 //! served by plain OS threads that call the store inline, while gRPC runs on the shared
 //! tokio runtime and hands store calls to its blocking pool.
 
+pub mod backup;
 pub mod control;
 pub mod data;
 pub mod sync;
@@ -180,9 +181,11 @@ impl ReplicaServer {
             tonic::transport::server::TcpIncoming::from(control_listener).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();
         let sync = sync::SyncService::new(Arc::clone(&store), service.clone());
+        let backup = backup::BackupService::new(config.dir.clone());
         let grpc = tonic::transport::Server::builder()
             .add_service(service.into_server())
-            .add_service(sync.into_server());
+            .add_service(sync.into_server())
+            .add_service(backup.into_server());
         let grpc = grpc.serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned());
         tokio::pin!(grpc);
         let result = tokio::select! {
