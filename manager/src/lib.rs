@@ -10,3 +10,6 @@
 
 pub mod resources;
 pub mod store;
+pub mod agent;
+pub mod controllers;
+pub mod scheduler;
