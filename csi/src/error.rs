@@ -30,6 +30,10 @@ pub enum CsiError {
     /// Another operation on the same volume is under way (ABORTED); the CO retries.
     #[error("{0}")]
     Aborted(String),
+    /// A wait (attach, detach, expansion) ran out of time (DEADLINE_EXCEEDED); the CO
+    /// retries.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The manager could not be reached (UNAVAILABLE).
     #[error("{0}")]
     Unavailable(String),
@@ -100,6 +104,7 @@ impl CsiError {
             CsiError::ResourceExhausted(_) => Code::ResourceExhausted,
             CsiError::OutOfRange(_) => Code::OutOfRange,
             CsiError::Aborted(_) => Code::Aborted,
+            CsiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             CsiError::Unavailable(_) => Code::Unavailable,
             CsiError::Unimplemented(_) => Code::Unimplemented,
             CsiError::Internal(_) | CsiError::Exec { .. } | CsiError::Mount { .. } => {

@@ -85,14 +85,13 @@ pub fn grow_offline(device: &Path) -> Result<(), ExecError> {
     }
     tracing::info!(device = %device.display(), fs_bytes = blocks * block_size, device_bytes, "growing the filesystem to the device");
     // e2fsck exits 1 when it fixed something, which is fine here.
-    if let Err(e) = exec::run(
+    match exec::run(
         "e2fsck",
         &["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
         exec::LONG,
     ) {
-        if e.code() != Some(1) {
-            return Err(e);
-        }
+        Err(e) if e.code() != Some(1) => return Err(e),
+        _ => {}
     }
     exec::run("resize2fs", &[device.as_os_str()], exec::LONG)?;
     Ok(())

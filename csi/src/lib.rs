@@ -3,6 +3,8 @@
 //! - [`identity`]: plugin name ([`identity::DRIVER_NAME`]), capabilities, probe.
 //! - [`node`]: stage/publish on the node — attaches the volume's NBD export through the
 //!   [`device`] layer, formats it if blank, mounts it; stats and expansion.
+//! - [`controller`]: create/delete/publish/expand volumes and snapshots through the
+//!   manager ([`controller::backend::ManagerApi`]).
 //! - [`capability`]: the volume capabilities ironhorn supports.
 //! - [`serve`]: runs the services chosen by [`Mode`] on a unix socket until cancelled.
 //! - [`client`]: a gRPC channel over the unix socket (tests, tools).
@@ -11,10 +13,12 @@
 
 pub mod capability;
 pub mod client;
+pub mod controller;
 pub mod device;
 pub mod error;
 pub mod exec;
 pub mod filesystem;
+pub mod guard;
 pub mod identity;
 pub mod mount;
 pub mod node;
@@ -68,6 +72,8 @@ pub struct DriverConfig {
     pub attach_scheme: device::SchemeKind,
     /// Where attach schemes keep their per-volume state.
     pub state_dir: PathBuf,
+    /// The manager, for the Controller service (needed when `mode` runs it).
+    pub manager: Option<Arc<dyn controller::backend::ManagerApi>>,
 }
 
 /// Why the driver could not start or stopped.
@@ -132,11 +138,15 @@ fn listen(path: &Path) -> Result<UnixListener, ServeError> {
 
 /// Runs the driver on its unix socket until `shutdown` is cancelled.
 pub async fn serve(config: DriverConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
-    if config.mode.controller() {
-        return Err(ServeError::Config(
-            "the Controller service is not built yet: run with --mode node".into(),
-        ));
-    }
+    let controller = match (config.mode.controller(), &config.manager) {
+        (false, _) => None,
+        (true, Some(api)) => Some(controller::ControllerService::new(api.clone())),
+        (true, None) => {
+            return Err(ServeError::Config(
+                "the Controller service needs the manager (--manager URL)".into(),
+            ));
+        }
+    };
     let online_expansion = matches!(config.attach_scheme, device::SchemeKind::KernelNbd);
     let identity = identity::IdentityService {
         controller: config.mode.controller(),
@@ -144,6 +154,9 @@ pub async fn serve(config: DriverConfig, shutdown: CancellationToken) -> Result<
     };
     let mut router = tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(identity));
+    if let Some(c) = controller {
+        router = router.add_service(pb::controller_server::ControllerServer::new(c));
+    }
     if config.mode.node() {
         let scheme = device::open_scheme(config.attach_scheme, &config.state_dir)?;
         let ops = Arc::new(node::NodeOps::new(config.node.clone(), scheme));

@@ -6,10 +6,10 @@
 //! a blocking thread. Calls on one volume are serialised by a per-volume guard; a call
 //! that finds the guard taken fails with ABORTED, which the CO retries.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
@@ -17,6 +17,7 @@ use crate::capability::{self, Access, Capability, DEFAULT_FS, SUPPORTED_FS};
 use crate::device::{AttachScheme, Attachment, device_size};
 use crate::error::{CsiError, invalid};
 use crate::filesystem::{self, Probe};
+use crate::guard::VolumeLocks;
 use crate::mount;
 use crate::pb;
 use crate::pb::node_server::Node;
@@ -42,41 +43,6 @@ pub struct NodeConfig {
     pub zone: Option<String>,
     /// Most volumes the CO may put on this node (0 = no limit).
     pub max_volumes: i64,
-}
-
-/// Volumes with an operation under way.
-#[derive(Debug, Default)]
-struct VolumeLocks(Mutex<HashSet<String>>);
-
-/// Held while an operation on one volume runs.
-struct VolumeGuard<'a> {
-    locks: &'a VolumeLocks,
-    volume: String,
-}
-
-impl VolumeLocks {
-    fn lock(&self, volume: &str) -> Result<VolumeGuard<'_>, CsiError> {
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if !set.insert(volume.to_owned()) {
-            return Err(CsiError::Aborted(format!(
-                "an operation on volume {volume} is already in progress"
-            )));
-        }
-        Ok(VolumeGuard {
-            locks: self,
-            volume: volume.to_owned(),
-        })
-    }
-}
-
-impl Drop for VolumeGuard<'_> {
-    fn drop(&mut self) {
-        self.locks
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.volume);
-    }
 }
 
 /// The node operations, blocking; see the module documentation.

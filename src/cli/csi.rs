@@ -90,6 +90,8 @@ impl CsiArgs {
                 SchemeArg::KernelNbd => SchemeKind::KernelNbd,
             },
             state_dir: self.state_dir,
+            // The manager client is wired in when the manager's REST client exists.
+            manager: None,
         };
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;
