@@ -29,7 +29,7 @@ pub struct Policy {
     /// (default 100, bounds 100..=1000).
     pub over_provisioning_percent: u64,
     /// Percent of a disk's file system that must stay free for new replicas to go there
-    /// (default 25, bounds 0..=99).
+    /// (default 10, bounds 0..=99).
     pub minimum_free_percent: u64,
 }
 
@@ -39,7 +39,7 @@ impl Default for Policy {
             soft_node_anti_affinity: false,
             soft_zone_anti_affinity: true,
             over_provisioning_percent: 100,
-            minimum_free_percent: 25,
+            minimum_free_percent: 10,
         }
     }
 }
@@ -429,8 +429,8 @@ mod tests {
         let others = vec![replica("x", "other", "n1", "d", 6 * GIB)];
         assert!(schedule(&req(5 * GIB), &nodes, &ready, &others, &p).is_err());
         assert!(schedule(&req(4 * GIB), &nodes, &ready, &others, &p).is_ok());
-        // A disk with less than 25% free takes nothing.
-        let full = vec![node("n1", "", &[("d", 10 * GIB, 2 * GIB, &[])])];
+        // A disk with less than 10% free takes nothing.
+        let full = vec![node("n1", "", &[("d", 10 * GIB, GIB - 1, &[])])];
         let e = schedule(&req(GIB), &full, &ready, &[], &p).unwrap_err();
         assert!(e.reason.contains("minimum free"), "{e}");
     }
