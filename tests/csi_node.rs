@@ -20,6 +20,8 @@
 //! - `driver_restart_keeps_volumes`: a driver killed and started again finds the volume's
 //!   device (no second attach), publishes and unstages it (stopping the nbdfuse it did not
 //!   start); a driver killed with volumes staged leaves state the test cleanup removes.
+//! - `concurrent_stages_of_one_volume`: parallel stages of one volume succeed or get
+//!   ABORTED (the per-volume guard), and leave one device and one mount.
 //! - `failed_stage_undoes_attach`: mkfs failing, and a filesystem other than the one
 //!   asked, both leave no attachment behind; a later stage works.
 
@@ -695,5 +697,52 @@ fn driver_restart_keeps_volumes() {
     csi.kill();
     assert!(!mounts_under(csi.dir()).is_empty());
     csi.cleanup_host();
+    csi.assert_host_clean();
+}
+
+#[test]
+fn concurrent_stages_of_one_volume() {
+    let c = Cluster::start(1, SIZE);
+    let csi = Csi::start("node", "node-a", &[]);
+    let volume = "pvc-race";
+    let staging = csi.path("staging");
+    let req = stage_req(volume, &c.uri(), &staging, mount_cap("ext4"));
+    // Four stages of the same volume at once: each either succeeds or is told to retry
+    // (ABORTED) while another holds the volume; one device, one mount in the end.
+    let results = csi.block_on(async {
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let mut node = csi.node();
+                let req = req.clone();
+                tokio::spawn(async move { node.node_stage_volume(req).await })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await.expect("task"));
+        }
+        results
+    });
+    let mut ok = 0;
+    for r in &results {
+        match r {
+            Ok(_) => ok += 1,
+            Err(s) => assert_eq!(s.code(), Code::Aborted, "{s:?}"),
+        }
+    }
+    assert!(ok >= 1, "{results:?}");
+    // Whatever was refused succeeds on retry.
+    csi.block_on(csi.node().node_stage_volume(req))
+        .expect("stage again");
+    assert_eq!(loops_under(csi.dir()).len(), 1);
+    assert_eq!(
+        ironhorn_csi::mount::mount_table()
+            .expect("table")
+            .iter()
+            .filter(|m| m.mount_point == staging)
+            .count(),
+        1
+    );
+    unstage(&csi, volume, &staging);
     csi.assert_host_clean();
 }
