@@ -213,10 +213,16 @@ impl AgentService {
         } else {
             Vec::new()
         };
+        let interval = self
+            .store
+            .get::<crate::resources::setting::Setting>(crate::settings::AGENT_REPORT_INTERVAL)
+            .await?
+            .and_then(|s| s.spec.value.parse::<u32>().ok())
+            .unwrap_or(self.report_interval.as_millis() as u32);
         Ok(NodeDesired {
             instances,
             remove_dirs,
-            report_interval_ms: self.report_interval.as_millis() as u32,
+            report_interval_ms: interval,
         })
     }
 

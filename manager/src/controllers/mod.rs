@@ -16,6 +16,7 @@ pub mod engine_client;
 pub mod liveness;
 pub mod node;
 pub mod patch;
+pub mod replica_client;
 pub mod settings;
 pub mod snapshot;
 pub mod volume;

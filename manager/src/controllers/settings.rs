@@ -37,8 +37,14 @@ impl ControlSettings {
     /// validates values on update).
     pub async fn load(store: &Store) -> Result<Self, StoreError> {
         let mut s = ControlSettings::default();
+        // The stored value, else the catalog's default.
         let get = |name: &'static str| async move {
-            Ok::<_, StoreError>(store.get::<Setting>(name).await?.map(|s| s.spec.value))
+            let stored = store.get::<Setting>(name).await?.map(|s| s.spec.value);
+            Ok::<_, StoreError>(stored.or_else(|| {
+                crate::settings::definition(name)
+                    .ok()
+                    .map(|d| d.default.to_owned())
+            }))
         };
         if let Some(v) = get("replica-soft-anti-affinity").await? {
             s.policy.soft_node_anti_affinity = v == "true";
@@ -65,6 +71,11 @@ impl ControlSettings {
             && let Ok(n) = v.parse()
         {
             s.replica_replenishment_wait = Duration::from_secs(n);
+        }
+        if let Some(v) = get("agent-report-interval").await?
+            && let Ok(n) = v.parse()
+        {
+            s.report_interval = Duration::from_millis(n);
         }
         Ok(s)
     }

@@ -46,8 +46,24 @@ impl Controller for SnapshotController {
                             false
                         }
                     },
-                    // Removed when the volume is attached again.
-                    (None, Some(_)) => false,
+                    (None, Some(v)) => match detached_targets(world, v) {
+                        Some(targets) => {
+                            let mut done = true;
+                            for a in targets {
+                                match super::replica_client::remove_snapshot(&a, &name).await {
+                                    Ok(()) => {}
+                                    Err(e) if e.code == tonic::Code::NotFound => {}
+                                    Err(e) => {
+                                        warn!(snapshot = %name, error = %e, "remove snapshot");
+                                        done = false;
+                                    }
+                                }
+                            }
+                            done
+                        }
+                        // Removed once the replicas run (or the volume is attached).
+                        None => false,
+                    },
                 };
                 if removed {
                     info!(snapshot = %name, volume = %s.spec.volume, "snapshot removed");
@@ -70,15 +86,52 @@ impl Controller for SnapshotController {
             }
             let mut st = s.status.clone().unwrap_or_default();
             match &engine {
-                None => {
-                    set_condition(
-                        &mut st.conditions,
-                        "Ready",
-                        ConditionStatus::False,
-                        "VolumeNotAttached",
-                        "the volume must be attached to take a snapshot; it is taken once it is",
-                    );
-                }
+                None => match volume.and_then(|v| detached_targets(world, v)) {
+                    Some(targets) => {
+                        // Detached: no writes can come in between, so snapshotting each
+                        // replica in turn gives the same snapshot everywhere.
+                        let mut errors = Vec::new();
+                        for a in &targets {
+                            match super::replica_client::snapshot(a, &name, s.spec.labels.clone()).await {
+                                Ok(()) => {}
+                                Err(e) if e.code == tonic::Code::AlreadyExists => {}
+                                Err(e) => errors.push(e.to_string()),
+                            }
+                        }
+                        if errors.is_empty() {
+                            ctx.store.add_finalizer::<Snapshot>(&name, FINALIZER).await?;
+                            st.ready_to_use = true;
+                            st.error = None;
+                            st.creation_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+                            set_condition(
+                                &mut st.conditions,
+                                "Ready",
+                                ConditionStatus::True,
+                                "Taken",
+                                "every replica holds the snapshot",
+                            );
+                            info!(snapshot = %name, volume = %s.spec.volume, "snapshot taken on the replicas of a detached volume");
+                        } else {
+                            st.error = Some(errors.join("; "));
+                            set_condition(
+                                &mut st.conditions,
+                                "Ready",
+                                ConditionStatus::False,
+                                "SnapshotFailed",
+                                &errors.join("; "),
+                            );
+                        }
+                    }
+                    None => {
+                        set_condition(
+                            &mut st.conditions,
+                            "Ready",
+                            ConditionStatus::False,
+                            "WaitingForVolume",
+                            "the volume's engine or replicas are not running yet; the snapshot is taken once they are",
+                        );
+                    }
+                },
                 Some(a) => {
                     if !s.finalizers().iter().any(|f| f == FINALIZER) {
                         patch_spec::<Snapshot, _>(&ctx.store, &name, |o| {
@@ -148,4 +201,20 @@ impl Controller for SnapshotController {
         }
         Ok(())
     }
+}
+
+/// Control addresses of the replicas to snapshot directly: the volume is detached (no
+/// engine resource, no node asked for) and every trusted replica runs. `None` otherwise.
+fn detached_targets(world: &World, v: &crate::resources::volume::Volume) -> Option<Vec<String>> {
+    let name = v.name_any();
+    if v.spec.node_id.is_some() || world.engine_of(&name).is_some() {
+        return None;
+    }
+    let reps: Vec<&crate::resources::replica::Replica> = world.replicas_of(&name).collect();
+    let trusted = super::volume::trusted(&reps);
+    let addrs: Vec<String> = trusted
+        .iter()
+        .filter_map(|r| super::volume::running_address(r).map(str::to_owned))
+        .collect();
+    (!addrs.is_empty() && addrs.len() == trusted.len()).then_some(addrs)
 }

@@ -111,7 +111,7 @@ fn mode_of(m: i32) -> Option<ReplicaMode> {
     }
 }
 
-fn running_address(r: &Replica) -> Option<&str> {
+pub(crate) fn running_address(r: &Replica) -> Option<&str> {
     r.status
         .as_ref()
         .filter(|s| s.state == InstanceState::Running)
@@ -120,7 +120,7 @@ fn running_address(r: &Replica) -> Option<&str> {
 
 /// Replicas that hold every acknowledged write as far as the manager knows: not failed,
 /// and RW at some point (all of them, for a volume that never had an engine).
-fn trusted<'a>(replicas: &[&'a Replica]) -> Vec<&'a Replica> {
+pub(crate) fn trusted<'a>(replicas: &[&'a Replica]) -> Vec<&'a Replica> {
     let ever = replicas.iter().any(|r| r.spec.healthy_at.is_some());
     replicas
         .iter()
@@ -568,6 +568,72 @@ async fn reconcile_volume(
             .await?;
         }
     }
+    // A detached volume reverts replica by replica (no engine, so no write in between).
+    if engine.is_none()
+        && v.spec.node_id.is_none()
+        && let Some(snap) = &v.spec.revert_to_snapshot
+    {
+        let t = trusted(&refs);
+        let targets: Vec<(&Replica, &str)> = t
+            .iter()
+            .filter_map(|r| Some((*r, running_address(r)?)))
+            .collect();
+        if targets.is_empty() || targets.len() < t.len() {
+            set_condition(
+                &mut st.conditions,
+                "Reverted",
+                ConditionStatus::False,
+                "WaitingForReplicas",
+                &format!("waiting for every replica to run to revert to {snap}"),
+            );
+        } else {
+            let (mut ok, mut missing, mut errors) = (Vec::new(), 0, Vec::new());
+            for (r, a) in &targets {
+                match super::replica_client::revert(a, snap).await {
+                    Ok(()) => ok.push(r.name_any()),
+                    Err(e) if e.code == tonic::Code::NotFound => missing += 1,
+                    Err(e) => errors.push((r.name_any(), e.to_string())),
+                }
+            }
+            if !ok.is_empty() {
+                // Replicas that could not revert missed it: they are rebuilt on attach.
+                for (rn, why) in errors.iter() {
+                    warn!(volume = %name, replica = %rn, error = %why, "replica did not revert; marking it failed");
+                    patch_spec::<Replica, _>(&ctx.store, rn, |o| {
+                        if o.spec.failed_at.is_none() {
+                            o.spec.failed_at = Some(now());
+                        }
+                    })
+                    .await?;
+                }
+                info!(volume = %name, snapshot = %snap, replicas = ok.len(), "reverted");
+                set_condition(
+                    &mut st.conditions,
+                    "Reverted",
+                    ConditionStatus::True,
+                    "Reverted",
+                    &format!("reverted to snapshot {snap}"),
+                );
+                revert_done = true;
+            } else if missing > 0 && errors.is_empty() {
+                set_condition(
+                    &mut st.conditions,
+                    "Reverted",
+                    ConditionStatus::False,
+                    "SnapshotNotFound",
+                    &format!("no replica holds snapshot {snap}"),
+                );
+                revert_done = true;
+            } else {
+                let msg = errors
+                    .iter()
+                    .map(|(r, e)| format!("{r}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                set_condition(&mut st.conditions, "Reverted", ConditionStatus::False, "RevertFailed", &msg);
+            }
+        }
+    }
     if revert_done {
         patch_spec::<Volume, _>(&ctx.store, &name, |o| o.spec.revert_to_snapshot = None).await?;
     }
@@ -587,7 +653,7 @@ async fn reconcile_volume(
             .filter(|r| running_address(r).is_some())
             .count();
         st.healthy_replicas = usable as u32;
-        st.robustness = if replicas.is_empty() {
+        st.robustness = if replicas.is_empty() || st.state == VolumeState::Creating {
             Robustness::Unknown
         } else {
             robustness(usable, want)
