@@ -391,3 +391,173 @@ impl BackupArgs {
         Ok(())
     }
 }
+
+/// `ironhorn engine ctl backup` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum EngineBackupCtl {
+    /// Back up a snapshot of the volume: a healthy (RW) replica reads its own layers and
+    /// uploads what changed; progress shows in `info`. Waits for the end unless --no-wait.
+    Create {
+        /// Snapshot to back up (take one with `snapshot create`).
+        #[arg(long)]
+        snapshot: String,
+        /// Backup target: s3://BUCKET/PREFIX?... or file:///PATH (as seen by the replica;
+        /// S3 credentials from the replica's environment).
+        #[arg(long, env = "IRONHORN_BACKUP_TARGET")]
+        target: String,
+        /// Backup volume name (default: the engine's volume name).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Label KEY=VALUE; repeat for several.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Compression of new blocks: zstd, lz4 or none.
+        #[arg(long, default_value = "zstd")]
+        compression: Compression,
+        /// Block size of a new backup volume (default 2MiB).
+        #[arg(long)]
+        block_size: Option<ByteSize>,
+        /// Return once the backup has started.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// JSON of one engine backup job (`engine ctl info`).
+pub(crate) fn engine_backup_json(b: &ironhorn_proto::engine::BackupStatus) -> serde_json::Value {
+    json!({
+        "job": b.job,
+        "snapshot": b.snapshot,
+        "target": b.target,
+        "replica": b.replica,
+        "state": b.state,
+        "phase": b.phase,
+        "total_bytes": b.total_bytes,
+        "done_bytes": b.done_bytes,
+        "total_blocks": b.total_blocks,
+        "done_blocks": b.done_blocks,
+        "uploaded_blocks": b.uploaded_blocks,
+        "uploaded_bytes": b.uploaded_bytes,
+        "skipped_blocks": b.skipped_blocks,
+        "backup_id": b.backup_id,
+        "error": b.error,
+    })
+}
+
+/// Text lines of the engine's backup jobs (`engine ctl info`).
+pub(crate) fn print_engine_backups(list: &[ironhorn_proto::engine::BackupStatus]) {
+    if list.is_empty() {
+        return;
+    }
+    println!(
+        "{:<5} {:<20} {:<8} {:>7}  BACKUP / ERROR",
+        "JOB", "SNAPSHOT", "STATE", "DONE"
+    );
+    for b in list {
+        let pct = if b.total_bytes > 0 {
+            format!("{:.0}%", 100.0 * b.done_bytes as f64 / b.total_bytes as f64)
+        } else {
+            "-".into()
+        };
+        let what = if b.error.is_empty() {
+            &b.backup_id
+        } else {
+            &b.error
+        };
+        println!(
+            "{:<5} {:<20} {:<8} {:>7}  {}",
+            b.job, b.snapshot, b.state, pct, what
+        );
+    }
+}
+
+/// Runs `engine ctl backup …` against an engine.
+pub(crate) async fn engine_ctl(
+    c: &mut ironhorn_proto::engine::engine_control_client::EngineControlClient<
+        tonic::transport::Channel,
+    >,
+    cmd: EngineBackupCtl,
+    json: bool,
+) -> anyhow::Result<()> {
+    use ironhorn_proto::engine as pb;
+    let status = |s: tonic::Status| anyhow::anyhow!("{} ({:?})", s.message(), s.code());
+    let EngineBackupCtl::Create {
+        snapshot,
+        target,
+        volume,
+        labels,
+        compression,
+        block_size,
+        no_wait,
+    } = cmd;
+    let started = c
+        .create_backup(pb::BackupCreateRequest {
+            snapshot,
+            target,
+            volume: volume.unwrap_or_default(),
+            labels: labels.into_iter().collect(),
+            compression: compression.to_string(),
+            block_size: block_size.map(ByteSize::bytes).unwrap_or(0),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let job = started.job;
+    let mut last = started;
+    if !no_wait {
+        use indicatif::{ProgressBar, ProgressDrawTarget};
+        let bar = ProgressBar::with_draw_target(
+            Some(0),
+            if json {
+                ProgressDrawTarget::hidden()
+            } else {
+                ProgressDrawTarget::stderr()
+            },
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let info = c
+                .info(pb::EngineInfoRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let Some(b) = info.backups.into_iter().find(|b| b.job == job) else {
+                bail!("backup job {job} is no longer listed by the engine");
+            };
+            bar.set_length(b.total_bytes);
+            bar.set_position(b.done_bytes);
+            bar.set_message(b.phase.clone());
+            last = b;
+            if last.state != "running" {
+                break;
+            }
+        }
+        bar.finish_and_clear();
+    }
+    if json {
+        println!("{}", engine_backup_json(&last));
+    } else if last.state == "done" {
+        println!(
+            "{}: uploaded {} blocks ({}), {} already stored (replica {})",
+            last.backup_id,
+            last.uploaded_blocks,
+            human(last.uploaded_bytes),
+            last.skipped_blocks,
+            last.replica
+        );
+    } else {
+        println!(
+            "backup job {job} {} on replica {}",
+            last.state, last.replica
+        );
+    }
+    if last.state == "error" {
+        bail!("backup failed: {}", last.error);
+    }
+    Ok(())
+}

@@ -190,6 +190,9 @@ enum CtlCommand {
     /// Snapshots of the volume.
     #[command(subcommand)]
     Snapshot(SnapshotCtl),
+    /// Backups of the volume, taken by a healthy replica.
+    #[command(subcommand)]
+    Backup(super::backup::EngineBackupCtl),
     /// Grow the volume, e.g. `expand 20GiB`.
     Expand {
         /// New size.
@@ -272,6 +275,7 @@ fn info_json(i: &pb::EngineInfo) -> Value {
         "epoch": i.epoch,
         "robustness": i.robustness,
         "replicas": i.replicas.iter().map(replica_json).collect::<Vec<_>>(),
+        "backups": i.backups.iter().map(super::backup::engine_backup_json).collect::<Vec<_>>(),
     })
 }
 
@@ -325,6 +329,7 @@ fn print_info(i: &pb::EngineInfo) {
         println!("frontend:   {f}");
     }
     print_replicas(&i.replicas);
+    super::backup::print_engine_backups(&i.backups);
 }
 
 fn print_snapshots(s: &pb::SnapshotListResponse) {
@@ -389,6 +394,7 @@ impl CtlArgs {
                 let value = Value::Array(i.replicas.iter().map(replica_json).collect());
                 emit(value, &|| print_replicas(&i.replicas));
             }
+            CtlCommand::Backup(b) => super::backup::engine_ctl(&mut c, b, json).await?,
             CtlCommand::Snapshot(SnapshotCtl::Create { name, labels }) => {
                 let labels: HashMap<String, String> = labels.into_iter().collect();
                 let r = c
