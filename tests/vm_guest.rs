@@ -11,15 +11,21 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Guest scripts run, in order, in one boot.
-const SCRIPTS: &[&str] = &["nbd"];
+const SCRIPTS: &[&str] = &["nbd", "ublk"];
 
 /// Every check the scripts must report as passed: a script that stops early cannot pass.
 const EXPECTED: &[&str] = &[
     "nbd-attach-idempotent",
+    "nbd-discard-write-zeroes",
     "nbd-engine-restart-under-mount",
     "nbd-fsck-clean",
     "nbd-detach",
     "nbd-fio-verify",
+    "ublk-discard-write-zeroes",
+    "ublk-engine-restart-under-mount",
+    "ublk-fsck-clean",
+    "ublk-clean-removal",
+    "ublk-fio-verify",
 ];
 
 /// The whole guest run (boot, every script) must end within this; run.sh kills qemu earlier.

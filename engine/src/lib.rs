@@ -15,4 +15,5 @@ pub mod error;
 pub mod inflight;
 pub mod nbd;
 pub mod replica_client;
+pub mod ublk;
 pub mod volume;

@@ -56,9 +56,28 @@ pub struct ServeArgs {
     #[arg(long = "replica", required = true)]
     replicas: Vec<String>,
 
-    /// NBD endpoint: tcp://HOST:PORT or unix:///PATH; repeat for several.
-    #[arg(long = "nbd", required = true)]
+    /// NBD endpoint: tcp://HOST:PORT or unix:///PATH; repeat for several. Required unless
+    /// the frontend is ublk only.
+    #[arg(long = "nbd")]
     nbd: Vec<String>,
+
+    /// Frontends to serve the volume through: `nbd` (the --nbd endpoints) and/or `ublk`
+    /// (/dev/ublkbN, Linux with the ublk_drv module); repeat or comma-separate.
+    #[arg(long = "frontend", value_delimiter = ',', default_value = "nbd")]
+    frontends: Vec<Frontend>,
+
+    /// ublk device id N of /dev/ublkbN (default: any free). An engine restarted with the id
+    /// of a device whose engine died takes the device over (user recovery).
+    #[arg(long, env = "IRONHORN_UBLK_ID")]
+    ublk_id: Option<u32>,
+
+    /// ublk hardware queues (one thread each).
+    #[arg(long, default_value_t = ironhorn_engine::ublk::DEFAULT_QUEUES)]
+    ublk_queues: u16,
+
+    /// ublk queue depth (requests in flight per queue).
+    #[arg(long, default_value_t = ironhorn_engine::ublk::DEFAULT_DEPTH)]
+    ublk_depth: u16,
 
     /// Address (HOST:PORT) of the engine's gRPC control service.
     #[arg(long, env = "IRONHORN_ENGINE_LISTEN")]
@@ -71,6 +90,15 @@ pub struct ServeArgs {
     /// Data connections to each replica.
     #[arg(long, env = "IRONHORN_CONNS_PER_REPLICA", default_value_t = DEFAULT_CONNS_PER_REPLICA)]
     conns_per_replica: usize,
+}
+
+/// A frontend of `engine serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Frontend {
+    /// NBD server on the --nbd endpoints.
+    Nbd,
+    /// ublk block device /dev/ublkbN.
+    Ublk,
 }
 
 /// `--replica-timeout` default, as text for clap; a test keeps it equal to
@@ -86,6 +114,19 @@ impl ServeArgs {
     async fn run(self) -> anyhow::Result<()> {
         if self.conns_per_replica == 0 || self.conns_per_replica > 64 {
             bail!("--conns-per-replica must be between 1 and 64");
+        }
+        let serve_nbd = self.frontends.contains(&Frontend::Nbd);
+        let serve_ublk = self.frontends.contains(&Frontend::Ublk);
+        if serve_nbd && self.nbd.is_empty() {
+            bail!("the nbd frontend needs at least one --nbd endpoint");
+        }
+        if !serve_nbd && !self.nbd.is_empty() {
+            bail!("--nbd given but the nbd frontend is not selected (--frontend nbd,ublk)");
+        }
+        if serve_ublk && !ironhorn_engine::ublk::available() {
+            bail!(
+                "the ublk frontend needs the kernel's ublk driver (/dev/ublk-control; modprobe ublk_drv)"
+            );
         }
         let listens: Vec<NbdListen> = self
             .nbd
@@ -137,6 +178,24 @@ impl ServeArgs {
                 }
             }));
         }
+        let ublk = if serve_ublk {
+            let cfg = ironhorn_engine::ublk::UblkConfig {
+                id: self.ublk_id,
+                queues: self.ublk_queues,
+                depth: self.ublk_depth,
+            };
+            let rt = tokio::runtime::Handle::current();
+            let device = volume.clone();
+            let server =
+                tokio::task::spawn_blocking(move || ironhorn_engine::ublk::start(device, &cfg, rt))
+                    .await
+                    .context("ublk start task")?
+                    .context("start the ublk frontend")?;
+            frontends.push(format!("ublk://{}", server.block_device()));
+            Some(server)
+        } else {
+            None
+        };
         let grpc_listener = tokio::net::TcpListener::bind(control)
             .await
             .with_context(|| format!("bind control {control}"))?;
@@ -152,6 +211,13 @@ impl ServeArgs {
             .context("engine control server")?;
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(server) = ublk {
+            match tokio::task::spawn_blocking(move || server.stop()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "ublk stop failed"),
+                Err(e) => tracing::warn!(error = %e, "ublk stop task failed"),
+            }
         }
         // Leave the replicas with everything durable.
         use ironhorn_engine::device::BlockDevice;

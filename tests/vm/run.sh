@@ -2,7 +2,7 @@
 # Boots a stock Debian kernel (nbd.ko, ublk_drv.ko) under qemu with software emulation and
 # runs guest test scripts inside it against the project's own `ironhorn` binary.
 #
-#   tests/vm/run.sh [SCRIPT...]     # SCRIPT: names under tests/vm/guest/ (default: nbd)
+#   tests/vm/run.sh [SCRIPT...]     # SCRIPT: names under tests/vm/guest/ (default: nbd ublk)
 #
 # The guest is a busybox initramfs holding ironhorn, mkfs.ext4, e2fsck, fio and the kernel
 # modules; it has no network card (everything runs on the guest's loopback), runs the
@@ -23,7 +23,7 @@ TIMEOUT=${VM_TIMEOUT:-540}
 MEM=${VM_MEM:-1536}
 SMP=${VM_SMP:-2}
 SCRIPTS=("$@")
-[ ${#SCRIPTS[@]} -gt 0 ] || SCRIPTS=(nbd)
+[ ${#SCRIPTS[@]} -gt 0 ] || SCRIPTS=(nbd ublk)
 
 die() { echo "vm: $*" >&2; exit 2; }
 [ -x "$BIN" ] || die "no ironhorn binary at $BIN (cargo build, or set IRONHORN_BIN)"
@@ -74,6 +74,7 @@ copy_bin() { # copy_bin HOSTPATH GUESTPATH: an ELF binary and its shared librari
 copy_bin "$(command -v mke2fs)" /sbin/mkfs.ext4
 copy_bin "$(command -v e2fsck)" /sbin/e2fsck
 copy_bin "$(command -v fio)" /usr/bin/fio
+copy_bin "$(command -v blkdiscard)" /usr/bin/blkdiscard-z # util-linux's: has -z (write-zeroes)
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
 cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
 # the project's binary, without debug info (a smaller initramfs)
@@ -143,7 +144,7 @@ t2=$(date +%s.%N)
 tr -d '\r' <"$log" >"$log.txt"
 echo "vm: qemu exited $qrc after $(printf '%.1f' "$(echo "$t2 - $t1" | bc)") s (limit ${TIMEOUT} s)"
 if grep -q '^@@EXIT 0' "$log.txt"; then
-    grep -E '^@@(T|PASS|FIO|KERNEL|SCRIPT)' "$log.txt"
+    grep -E '^@@(T|PASS|FIO|INFO|KERNEL|SCRIPT)' "$log.txt"
     echo "vm: all guest scripts passed"
     exit 0
 fi

@@ -543,10 +543,8 @@ impl KernelNbd {
 
     fn start_supervisor(&self, key: &str, mut att: Attachment, target: NbdTarget) {
         let mut sups = self.supervisors.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = sups.get(key) {
-            if !s.thread.is_finished() {
-                return;
-            }
+        if sups.get(key).is_some_and(|s| !s.thread.is_finished()) {
+            return;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -602,13 +600,13 @@ impl AttachScheme for KernelNbd {
             uri: uri.to_owned(),
             reason: e.to_string(),
         })?;
-        if let Some((d, old)) = Self::find_device(volume)? {
-            if old != uri {
-                return Err(DeviceError::AttachFailed {
-                    volume: volume.to_owned(),
-                    reason: format!("already attached to {old} on /dev/nbd{}", d.index),
-                });
-            }
+        if let Some((d, old)) = Self::find_device(volume)?
+            && old != uri
+        {
+            return Err(DeviceError::AttachFailed {
+                volume: volume.to_owned(),
+                reason: format!("already attached to {old} on /dev/nbd{}", d.index),
+            });
         }
         let att = attach(&target, &Self::backend(volume, uri), &self.opts).map_err(|e| {
             DeviceError::AttachFailed {
@@ -730,7 +728,10 @@ fn reconnect_once(
     }
     match nl.reconfigure(att.index, &att.backend, sock.as_raw_fd()) {
         Ok(()) => Ok(Some(sock)),
-        Err(NetlinkError::Refused { errno, .. }) if errno == Errno::ENOSPC => {
+        Err(NetlinkError::Refused {
+            errno: Errno::ENOSPC,
+            ..
+        }) => {
             if log_failures {
                 tracing::debug!("kernel has not marked the socket dead yet");
             }

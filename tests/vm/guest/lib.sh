@@ -41,7 +41,7 @@ start_replica() {
     wait_until 30 port_open "$2" || fail "replica $1 did not listen on $2"
 }
 
-# start_engine NAME SIZE NBD_PORT CONTROL_PORT REPLICA... [-- EXTRA ARGS]
+# start_engine NAME SIZE NBD_PORT CONTROL_PORT REPLICA... [-- EXTRA ARGS] (NBD_PORT 0: none)
 start_engine() {
     name=$1 size=$2 nbd=$3 ctl=$4
     shift 4
@@ -51,9 +51,11 @@ start_engine() {
         shift
     done
     [ "${1:-}" = "--" ] && shift
+    # NBD_PORT 0: no NBD endpoint (a ublk-only engine)
+    [ "$nbd" != 0 ] && args="$args --nbd tcp://127.0.0.1:$nbd"
     # shellcheck disable=SC2086
     ironhorn engine serve --volume "$name" --size "$size" $args \
-        --nbd "tcp://127.0.0.1:$nbd" --listen "127.0.0.1:$ctl" "$@" \
+        --listen "127.0.0.1:$ctl" "$@" \
         >>"$LOGS/engine-$name.log" 2>&1 &
     echo $! >"/tmp/engine-$name.pid"
 }
@@ -102,4 +104,28 @@ fio_verify() {
         >"/tmp/fio-$2-rr.terse" 2>>"$LOGS/fio-$2.log" || return 1
     awk -F';' -v l="$2" '{ printf "@@FIO %s randread_iops=%s randread_bw_kib=%s\n", l, $8, $7 }' \
         "/tmp/fio-$2-rr.terse"
+}
+
+# queue_info DEV LABEL: what the kernel's block layer makes of the device (cache, FUA,
+# discard, write-zeroes), for the report.
+queue_info() {
+    q=/sys/block/$(basename "$1")/queue
+    echo "@@INFO $2 write_cache=$(sed 's/ /_/g' $q/write_cache) fua=$(cat $q/fua)" \
+        "discard_max_bytes=$(cat $q/discard_max_bytes)" \
+        "write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes)" \
+        "max_sectors_kb=$(cat $q/max_sectors_kb) nr_requests=$(cat $q/nr_requests)"
+}
+
+# discard_and_zeroes DEV: random data over 2 MiB, discard the first MiB, write-zeroes the
+# second (util-linux blkdiscard -z), flush; both must read back as zeros.
+discard_and_zeroes() {
+    dd if=/dev/urandom of=/tmp/rnd bs=1M count=2 2>/dev/null || return 1
+    dd if=/tmp/rnd of="$1" bs=1M count=2 oflag=direct 2>/dev/null || return 1
+    dd if="$1" of=/tmp/back bs=1M count=2 iflag=direct 2>/dev/null || return 1
+    cmp /tmp/rnd /tmp/back || return 1
+    blkdiscard -o 0 -l 1048576 "$1" || return 1
+    blkdiscard-z -z -o 1048576 -l 1048576 "$1" || return 1
+    blockdev --flushbufs "$1" || return 1
+    dd if="$1" of=/tmp/back bs=1M count=2 iflag=direct 2>/dev/null || return 1
+    cmp -n 2097152 /tmp/back /dev/zero
 }

@@ -29,6 +29,10 @@ AGAIN=$(ironhorn nbd attach "$URI" 2>>"$LOGS/nbd-attach.log") || fail "nbd: seco
 [ "$(ironhorn nbd ls | wc -l)" = "1" ] || fail "nbd: ls shows $(ironhorn nbd ls)"
 pass nbd-attach-idempotent
 
+queue_info "$DEV" nbd
+discard_and_zeroes "$DEV" || fail "nbd: discarded or zeroed range does not read back as zeros"
+pass nbd-discard-write-zeroes
+
 mkfs.ext4 -q -F "$DEV" || fail "nbd: mkfs.ext4"
 mount -t ext4 "$DEV" /mnt || fail "nbd: mount"
 write_files /mnt/before 4 8 || fail "nbd: write files"

@@ -131,7 +131,10 @@ impl NbdNetlink {
         let mut attrs = Vec::new();
         put_attr(&mut attrs, CTRL_ATTR_FAMILY_NAME, b"nbd\0");
         let replies = match nl.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, &attrs, "getfamily") {
-            Err(NetlinkError::Refused { errno, .. }) if errno == Errno::ENOENT => {
+            Err(NetlinkError::Refused {
+                errno: Errno::ENOENT,
+                ..
+            }) => {
                 return Err(NetlinkError::NoFamily);
             }
             r => r?,
@@ -294,11 +297,7 @@ impl NbdNetlink {
                         });
                     }
                     NLMSG_DONE => return Ok(out),
-                    t if t == family => {
-                        if body.len() >= 4 {
-                            out.push(body[4..].to_vec());
-                        }
-                    }
+                    t if t == family && body.len() >= 4 => out.push(body[4..].to_vec()),
                     _ => {}
                 }
             }
