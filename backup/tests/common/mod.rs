@@ -146,7 +146,7 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// Starts `moto_server` (installed by .ci/run) on a free port and waits until it answers.
+    /// Starts moto's server (installed by .ci/run) on a free port and waits until it answers.
     pub fn start() -> Moto {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
@@ -154,13 +154,22 @@ impl Moto {
                 .local_addr()
                 .unwrap()
                 .port();
-            let child = Command::new("moto_server")
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            // `python3 -m moto.server` works whether or not the `moto_server` script is
+            // on PATH (pyenv shims).
+            let child = Command::new("python3")
+                .args([
+                    "-m",
+                    "moto.server",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("moto_server not found: pip install 'moto[server]' (.ci/run does)");
+                .expect("python3 not found (moto: pip install 'moto[server]', .ci/run does)");
             let mut m = Moto { child, port };
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
