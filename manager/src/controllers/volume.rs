@@ -69,7 +69,14 @@ impl Controller for VolumeController {
         let mut first_error = None;
         for v in &world.volumes {
             if v.metadata.deletion_timestamp.is_some() {
+                if let Err(e) = delete_volume(ctx, world, v).await {
+                    warn!(volume = %v.name_any(), error = %e, "volume deletion");
+                    first_error.get_or_insert(e);
+                }
                 continue;
+            }
+            if !v.finalizers().iter().any(|f| f == FINALIZER) {
+                ctx.store.add_finalizer::<Volume>(&v.name_any(), FINALIZER).await?;
             }
             if let Err(e) = reconcile_volume(ctx, world, v, &mut placed).await {
                 warn!(volume = %v.name_any(), error = %e, "volume reconcile failed");
@@ -81,6 +88,43 @@ impl Controller for VolumeController {
             None => Ok(()),
         }
     }
+}
+
+/// Finalizer that keeps a deleted Volume until its engine and replicas are gone.
+pub const FINALIZER: &str = "ironhorn.io/volume";
+
+/// A deleted volume: its engine and replicas are deleted (the agents stop them and remove
+/// the data); once no agent runs its engine any more, the finalizer goes and so does the
+/// volume.
+async fn delete_volume(ctx: &Context, world: &World, v: &Volume) -> Result<(), ControllerError> {
+    let name = v.name_any();
+    if v.status.as_ref().is_none_or(|s| s.state != VolumeState::Deleting) {
+        info!(volume = %name, "deleting the volume's engine and replicas");
+        patch_status::<Volume, _>(&ctx.store, &name, |o| {
+            let s = o.status.get_or_insert_with(Default::default);
+            s.state = VolumeState::Deleting;
+            s.endpoint = None;
+            s.socket = None;
+        })
+        .await?;
+    }
+    if let Some(e) = world.engine_of(&name) {
+        super::patch::delete::<Engine>(&ctx.store, &e.name_any()).await?;
+    }
+    for r in world.replicas_of(&name) {
+        super::patch::delete::<Replica>(&ctx.store, &r.name_any()).await?;
+    }
+    let ename = engine_name(&name);
+    let engine_runs = world
+        .nodes
+        .iter()
+        .filter_map(|n| ctx.liveness.last_report(&n.name_any()))
+        .any(|rep| rep.instances.iter().any(|i| i.name == ename));
+    if !engine_runs {
+        ctx.store.remove_finalizer::<Volume>(&name, FINALIZER).await?;
+        info!(volume = %name, "volume deleted");
+    }
+    Ok(())
 }
 
 /// Name of the engine of a volume (one per volume).
