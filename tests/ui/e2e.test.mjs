@@ -177,7 +177,7 @@ step('a killed replica: degraded → rebuilding (progress moves) → healthy, li
     new MutationObserver(record).observe(document.getElementById('main'), { subtree: true, childList: true, attributes: true, characterData: true });
     record();
   });
-  const replicas = (await api.list('/v1/replicas')).filter((r) => r.spec.volumeName === VOL);
+  const replicas = await api.list(`/v1/volumes/${VOL}/replicas`);
   assert.equal(replicas.length, 3);
   const victim = replicas.find((r) => r.spec.nodeId !== 'node-1') ?? replicas[0];
   const pids = pidsMatching('replica', 'serve', victim.spec.dataDir || victim.metadata.name);
@@ -194,9 +194,9 @@ step('a killed replica: degraded → rebuilding (progress moves) → healthy, li
   assert.ok(seen.rebuilding, 'the page showed the rebuild');
   assert.ok(new Set(seen.progress).size >= 2, `the progress bar moved: ${JSON.stringify(seen.progress)}`);
   assert.equal(await page.evaluate(() => window.__noReload), 'same-document', 'no reload happened');
-  const rs = (await api.list('/v1/replicas')).filter((r) => r.spec.volumeName === VOL);
   await page.waitForFunction(() => [...document.querySelectorAll('#replicas tbody tr')].filter((tr) => tr.dataset.mode === 'RW').length === 3);
-  assert.ok(rs.length >= 3);
+  const modes = (await api.list(`/v1/volumes/${VOL}/replicas`)).map((r) => r.status?.mode);
+  assert.equal(modes.filter((m) => m === 'RW').length, 3, `three RW replicas on the server: ${modes}`);
 });
 
 step('take a snapshot and see it in the tree', async () => {
@@ -225,7 +225,7 @@ step('back up to S3 (moto) and restore into a new volume', async () => {
   await page.click(`button[aria-label="Back up ${SNAP}"]`);
   await goto('#/backups');
   await page.waitForSelector(`section[data-key="${VOL}"] .badge.completed`, { timeout: 180000 });
-  const backups = (await api.list('/v1/backups')).filter((b) => b.spec.volume === VOL && b.status?.state === 'completed');
+  const backups = (await api.list(`/v1/backups?volume=${VOL}`)).filter((b) => b.status?.state === 'completed');
   assert.equal(backups.length, 1);
   const backup = backups[0].metadata.name;
   assert.ok(backups[0].status.size > 0, 'the backup holds data');
@@ -275,16 +275,18 @@ step('settings: a good value is saved, a bad one is refused with the reason', as
   const form = page.locator(`form.setting[data-key="${s.name}"]`);
   await input.fill(s.good);
   await form.locator('button[type=submit]').click();
-  await api.until(`${s.name} = ${s.good}`, async () => (await api.get(`/v1/settings/${s.name}`)).spec.value === s.good);
-  // Out of bounds: refused as typed.
+  await api.until(`${s.name} = ${s.good}`, async () => (await api.get(`/v1/settings/${s.name}`)).value === s.good);
+  // The stream brings the saved value back; the field shows it, not dirty.
+  await page.waitForFunction(([n]) => document.querySelector(`form.setting[data-key="${n}"] button[type=submit]`).disabled, [s.name]);
+  // Out of bounds: flagged as typed...
   await input.fill(s.outOfBounds);
-  await form.locator('.error').filter({ hasText: /\S/ }).waitFor();
-  assert.ok(await form.locator('button[type=submit]').isDisabled());
-  // A value only the server can judge: refused by the server, its message shown.
-  await input.fill(s.serverRefuses);
+  await form.locator('.error').filter({ hasText: /At most/ }).waitFor();
+  assert.equal(await input.getAttribute('aria-invalid'), 'true');
+  // ...and refused by the server when sent anyway, with the server's own message.
   await form.locator('button[type=submit]').click();
   await form.locator('.error').filter({ hasText: s.serverMessage }).waitFor();
-  assert.equal((await api.get(`/v1/settings/${s.name}`)).spec.value, s.good, 'the refused value changed nothing');
+  await shot(page, 'settings-refused');
+  assert.equal((await api.get(`/v1/settings/${s.name}`)).value, s.good, 'the refused value changed nothing');
 });
 
 step('narrow window and dark mode', async () => {

@@ -97,12 +97,11 @@ export function backupTarget() {
 
 // ---- actions: each returns the API promise; errors carry the server's message ----
 
-/** Creates a volume. */
-export function createVolume({ name, size, numberOfReplicas, dataLocality, nodeSelector, diskSelector, fromBackup, frontend }) {
-  const spec = { size, numberOfReplicas, dataLocality, nodeSelector, diskSelector };
-  if (fromBackup) spec.fromBackup = fromBackup;
-  if (frontend) spec.frontend = frontend;
-  return api.post('/v1/volumes', { metadata: { name }, spec });
+/** Creates a volume (restored from a backup when fromBackup is set). */
+export function createVolume({ name, size, numberOfReplicas, dataLocality, nodeSelector, diskSelector, fromBackup }) {
+  const body = { name, size, numberOfReplicas, dataLocality, nodeSelector, diskSelector };
+  if (fromBackup) body.fromBackup = fromBackup;
+  return api.post('/v1/volumes', body);
 }
 
 /** Attaches a volume to a node. */
@@ -113,28 +112,24 @@ export const detachVolume = (name) => api.post(`/v1/volumes/${enc(name)}/detach`
 export const expandVolume = (name, size) => api.post(`/v1/volumes/${enc(name)}/expand`, { size });
 /** Deletes a volume and its data. */
 export const deleteVolume = (name) => api.del(`/v1/volumes/${enc(name)}`);
-/** Takes a snapshot of a volume. */
-export const createSnapshot = (volume, name) => api.post('/v1/snapshots', { metadata: name ? { name } : {}, spec: { volume } });
-/** Removes a snapshot. */
-export const deleteSnapshot = (name) => api.del(`/v1/snapshots/${enc(name)}`);
+/** Takes a snapshot of a volume (named by the server when name is empty). */
+export const createSnapshot = (volume, name) => api.post(`/v1/volumes/${enc(volume)}/snapshots`, name ? { name } : {});
+/** Removes a snapshot of a volume. */
+export const deleteSnapshot = (volume, name) => api.del(`/v1/volumes/${enc(volume)}/snapshots/${enc(name)}`);
 /** Reverts a (detached) volume to a snapshot. */
-export const revertVolume = (volume, snapshot) => api.post(`/v1/volumes/${enc(volume)}/revert`, { snapshot });
+export const revertVolume = (volume, snapshot) => api.post(`/v1/volumes/${enc(volume)}/snapshots/${enc(snapshot)}/revert`, {});
 /** Backs up a snapshot of a volume (a new snapshot when none is named). */
-export const createBackup = (volume, snapshot) => api.post('/v1/backups', { metadata: {}, spec: snapshot ? { volume, snapshot } : { volume } });
+export const createBackup = (volume, snapshot) => api.post(`/v1/volumes/${enc(volume)}/backups`, snapshot ? { snapshot } : {});
 /** Deletes a backup from the target. */
 export const deleteBackup = (name) => api.del(`/v1/backups/${enc(name)}`);
-/** Replaces a node's spec (schedulable, tags, disks). */
-export const updateNode = (node, spec) => api.put(`/v1/nodes/${enc(store.nameOf(node))}`, { ...node, spec });
+/** Changes a node: {allowScheduling, tags, zone, disks: {NAME: {allowScheduling, tags, storageReserved}}}. */
+export const updateNode = (name, change) => api.patch(`/v1/nodes/${enc(name)}`, change);
 /** Sets a setting's value; the server validates it. */
 export const setSetting = (name, value) => api.put(`/v1/settings/${enc(name)}`, { value });
-/** Sets the backup target URL. */
-export const setBackupTarget = (url, credentialSecret) => api.put('/v1/backuptargets/default', { metadata: { name: 'default' }, spec: { url, credentialSecret: credentialSecret || undefined } });
+/** Sets the backup target URL (empty for none). */
+export const setBackupTarget = (url, credentialSecret) => api.put('/v1/backuptarget', credentialSecret ? { url, credentialSecret } : { url });
 
-/**
- * The catalog of settings: [{name, description, type, default, min, max, options}], as the
- * manager describes them.
- */
+/** Every setting with its definition: [{name, value, default, description, type, min, max}]. */
 export async function settingDefinitions() {
-  const body = await api.get('/v1/settings/definitions');
-  return store.itemsOf(body);
+  return store.itemsOf(await api.get('/v1/settings'));
 }

@@ -1,10 +1,11 @@
-// A live copy of the manager's resources in the browser: each kind is listed once when the
-// event stream (re)connects, then kept current by the stream's change events. Pages read it
-// and are told when it changes; nothing polls.
+// A live copy of the manager's resources in the browser: when the event stream
+// (/v1/events?replay=true) connects, the manager first sends every object as Added, then
+// every change as it happens. Pages read this copy and are told when it changes; nothing
+// polls. On a reconnect the copy is rebuilt from the replay.
 
 import * as api from './api.js';
 
-/** The kinds the UI shows, with their collection path under /v1. */
+/** The kinds the UI shows, with their plural. */
 export const KINDS = {
   Volume: 'volumes',
   Replica: 'replicas',
@@ -16,6 +17,9 @@ export const KINDS = {
   RecurringJob: 'recurringjobs',
   Setting: 'settings',
 };
+/** Events in this long after the stream opens are taken as its replay, not as news. */
+const REPLAY_MS = 1500;
+let openedAt = 0;
 
 const data = new Map(Object.keys(KINDS).map((k) => [k, new Map()]));
 const listeners = new Set();
@@ -113,27 +117,6 @@ export function remove(kind, name) {
   if (data.get(kind)?.delete(name)) changed();
 }
 
-async function loadAll() {
-  await Promise.all(
-    Object.entries(KINDS).map(async ([kind, path]) => {
-      try {
-        const items = itemsOf(await api.get(`/v1/${path}`));
-        const m = data.get(kind);
-        const seen = new Set();
-        for (const o of items) {
-          seen.add(nameOf(o));
-          put(kind, o);
-        }
-        for (const name of [...m.keys()]) if (!seen.has(name)) m.delete(name);
-      } catch (e) {
-        if (e.status === 404) return; // a kind this manager does not serve
-        throw e;
-      }
-    }),
-  );
-  changed();
-}
-
 const KIND_BY_LOWER = new Map(
   Object.entries(KINDS).flatMap(([k, p]) => [
     [k.toLowerCase(), k],
@@ -163,13 +146,15 @@ export function applyEvent(ev) {
   const kind = kindOf(ev, body);
   const obj = body.object ?? body.resource ?? (body.metadata ? body : null);
   const type = String(body.type ?? body.action ?? ev.event ?? '').toUpperCase();
+  if (ev.event === 'Lagged') return; // the stream ends next; the reconnect replays
   if (!kind) return;
   const name = obj ? nameOf(obj) : body.name;
   if (!name) return;
   const deleted = /DELETE/.test(type);
   if (deleted) remove(kind, name);
   else if (obj) put(kind, obj);
-  recent.unshift({ at: new Date(), kind, name, type: deleted ? 'deleted' : /ADD|CREATE/.test(type) ? 'added' : 'modified', obj });
+  const replay = type === 'ADDED' && Date.now() - openedAt < REPLAY_MS;
+  if (!replay) recent.unshift({ at: new Date(), kind, name, type: deleted ? 'deleted' : /ADD|CREATE/.test(type) ? 'added' : 'modified', obj });
   if (recent.length > RECENT_MAX) recent.length = RECENT_MAX;
   changed();
 }
@@ -179,15 +164,12 @@ export function start() {
   stop();
   setState('connecting');
   let stopped = false;
-  const stopThis = api.stream('/v1/events', {
-    onOpen: async () => {
+  const stopThis = api.stream('/v1/events?replay=true', {
+    onOpen: () => {
       retry = 0;
+      openedAt = Date.now();
+      for (const m of data.values()) m.clear();
       setState('live');
-      try {
-        await loadAll();
-      } catch (e) {
-        console.error('listing resources', e);
-      }
     },
     onEvent: (ev) => applyEvent(ev),
     onClose: (err) => {

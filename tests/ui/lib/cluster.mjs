@@ -68,14 +68,14 @@ export async function startCluster(work, { env = {} } = {}) {
 }
 
 /**
- * A numeric setting with bounds from the manager's catalog: a good value, one out of its
- * bounds (refused as typed), and one that passes the browser's checks but that only the
- * server can refuse.
+ * A numeric setting with bounds from the manager's catalog (GET /v1/settings): a good value
+ * other than its current one, and one out of its bounds, which the browser flags as typed
+ * and the server refuses with its own message.
  */
 async function pickSetting(api) {
-  const defs = await api.list('/v1/settings/definitions').catch(() => []);
-  const d = defs.find((x) => /int|integer|u\d+/i.test(String(x.type)) && x.max !== undefined && x.max !== null && x.min !== undefined && x.min !== null);
-  if (!d) return null;
-  const good = String(Math.min(Number(d.max), Number(d.min) + 1) === Number(d.default) ? Number(d.min) : Math.min(Number(d.max), Number(d.min) + 1));
-  return { name: d.name, good, outOfBounds: String(Number(d.max) + 1), serverRefuses: null, serverMessage: null };
+  const defs = await api.list('/v1/settings');
+  const d = defs.find((x) => x.name === 'node-down-timeout') ?? defs.find((x) => x.type === 'int' && x.max !== undefined);
+  if (!d) throw new Error(`no int setting with bounds in ${JSON.stringify(defs)}`);
+  const good = String(Number(d.value) === Number(d.max) ? Number(d.max) - 1 : Number(d.max));
+  return { name: d.name, good, outOfBounds: String(Number(d.max) + 1), serverMessage: 'is outside' };
 }

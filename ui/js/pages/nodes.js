@@ -16,13 +16,9 @@ const checkTags = (s) => {
   return bad ? `"${bad}" is not a tag: letters, digits, "-", "_", "." (1 to 63).` : '';
 };
 
-/** Saves a change of a node's spec, made by edit(specCopy). */
-async function saveNode(name, edit, button) {
-  const n = store.one('Node', name);
-  if (!n) return undefined;
-  const spec = structuredClone(n.spec ?? {});
-  edit(spec);
-  return act(button, () => model.updateNode(n, spec));
+/** Saves a change of a node (PATCH body), showing progress on button. */
+function saveNode(name, change, button) {
+  return act(button, () => model.updateNode(name, change));
 }
 
 /** Mounts the nodes page. */
@@ -56,16 +52,12 @@ export function mount(main) {
           badge(ready === null ? 'unknown' : ready ? 'up' : 'down', 'agent heartbeat'),
           h('span', { class: 'small muted' }, `heartbeat ${ago(hb)}`),
           h('span', { class: 'grow' }),
-          switchFor(`Node ${name} schedulable`, n.spec?.allowScheduling !== false, (on, input) => saveNode(name, (s) => { s.allowScheduling = on; }, input)),
+          switchFor(`Node ${name} schedulable`, n.spec?.allowScheduling !== false, (on, input) => saveNode(name, { allowScheduling: on }, input)),
           h('button', { class: 'small', 'aria-label': `Edit tags of ${name}`, onclick: () => formDialog({
             title: `Tags of node ${name}`,
             submitText: 'Save',
             fields: [{ name: 'tags', label: 'Tags (comma separated)', value: (n.spec?.tags ?? []).join(', '), validate: checkTags }],
-            submit: (v) => {
-              const spec = structuredClone(store.one('Node', name)?.spec ?? {});
-              spec.tags = parseTags(v.tags);
-              return model.updateNode(store.one('Node', name), spec);
-            },
+            submit: (v) => model.updateNode(name, { tags: parseTags(v.tags) }),
           }).then((r) => r && toast(`Tags of ${name} saved.`, 'ok')) }, 'Tags')),
         h('dl', { class: 'kv small' },
           h('dt', null, 'Address'), h('dd', { class: 'mono' }, n.status?.address || '–'),
@@ -86,7 +78,7 @@ export function mount(main) {
               h('div', { class: 'small muted' }, `${bytes(d.cap.scheduled)} for ${Object.keys(d.status.scheduledReplicas ?? {}).length} replicas`)),
             h('td', { 'data-label': 'Tags' }, tagList(d.spec.tags)),
             h('td', { class: 'actions' },
-              switchFor(`Disk ${d.name} of ${name} schedulable`, d.spec.allowScheduling !== false, (on, input) => saveNode(name, (s) => { s.disks[d.name].allowScheduling = on; }, input)),
+              switchFor(`Disk ${d.name} of ${name} schedulable`, d.spec.allowScheduling !== false, (on, input) => saveNode(name, { disks: { [d.name]: { allowScheduling: on } } }, input)),
               h('button', { class: 'small', 'aria-label': `Edit disk ${d.name} of ${name}`, onclick: () => formDialog({
                 title: `Disk ${d.name} of ${name}`,
                 submitText: 'Save',
@@ -94,13 +86,7 @@ export function mount(main) {
                   { name: 'tags', label: 'Tags (comma separated)', value: (d.spec.tags ?? []).join(', '), validate: checkTags },
                   { name: 'reserved', label: 'Reserved bytes', type: 'number', min: 0, value: d.spec.storageReserved ?? 0, validate: (v) => (/^\d+$/.test(v) ? '' : 'A whole number of bytes.') },
                 ],
-                submit: (v) => {
-                  const node = store.one('Node', name);
-                  const spec = structuredClone(node?.spec ?? {});
-                  spec.disks[d.name].tags = parseTags(v.tags);
-                  spec.disks[d.name].storageReserved = Number(v.reserved);
-                  return model.updateNode(node, spec);
-                },
+                submit: (v) => model.updateNode(name, { disks: { [d.name]: { tags: parseTags(v.tags), storageReserved: Number(v.reserved) } } }),
               }) }, 'Edit'))))))));
     })));
   }

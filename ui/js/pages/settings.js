@@ -1,5 +1,6 @@
-// Settings: every setting with its description, default and bounds, checked as you type
-// against its definition, saved one by one; the server's message is shown when it refuses.
+// Settings: every setting with its description, default and bounds (GET /v1/settings),
+// checked as you type against its definition, saved one by one; the server's message is
+// shown when it refuses. Values stay live through the Setting resources of the stream.
 
 import * as store from '../store.js';
 import * as model from '../model.js';
@@ -84,7 +85,9 @@ export function mount(main) {
       const msg = validate(def, input.value);
       err.textContent = msg;
       input.setAttribute('aria-invalid', msg ? 'true' : 'false');
-      save.disabled = !!msg || !r.dirty;
+      // The server has the last word: a value the browser doubts can still be sent, and
+      // the server's own message then replaces the browser's.
+      save.disabled = !r.dirty;
       return !msg;
     };
     input.addEventListener('input', () => {
@@ -103,7 +106,7 @@ export function mount(main) {
     });
     form.addEventListener('submit', async (ev) => {
       ev.preventDefault();
-      if (!check()) return;
+      check();
       const ok = await act(save, () => model.setSetting(name, input.value.trim()), { errorEl: err, success: `${name} = ${input.value.trim()}` });
       if (ok !== undefined) {
         r.dirty = false;
@@ -137,7 +140,7 @@ export function mount(main) {
       const cur = current(name, r.def);
       if (!r.dirty && document.activeElement !== r.input && r.input.value !== cur) r.input.value = cur;
       const s = store.one('Setting', name);
-      fill(r.applied, s ? (s.status?.applied ? badge('applied') : badge('pending')) : null);
+      fill(r.applied, s?.status?.applied ? badge('applied') : null);
       if (!r.dirty) r.save.disabled = true;
     }
   }

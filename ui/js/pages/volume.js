@@ -140,7 +140,7 @@ function snapNode(node, volume, attached) {
     h('button', { class: 'small danger', 'aria-label': `Delete ${sname}`, onclick: () => confirmDialog({
       title: `Delete snapshot ${sname}?`,
       message: h('p', null, `Snapshot ${sname} of ${volume} is merged into its child; its point in time is gone.`),
-      confirmText: `Delete ${sname}`, action: () => model.deleteSnapshot(sname),
+      confirmText: `Delete ${sname}`, action: () => model.deleteSnapshot(volume, sname),
     }) }, 'Delete'));
   return h('li', { dataset: { key: sname } }, label, node.children.length ? h('ul', { role: 'group' }, node.children.map((c) => snapNode(c, volume, attached))) : null);
 }

@@ -4,12 +4,12 @@ import * as store from '../store.js';
 import * as model from '../model.js';
 import { h, fill, bytes, badge, Table, formDialog, confirmDialog, parseSize, time, progress, keepFocus } from '../ui.js';
 
-const NAME_RE = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
+const NAME_RE = /^[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$/;
 
-/** Checks a resource name as Kubernetes would (DNS label). */
+/** Checks a resource name as the manager does (DNS-1123 subdomain). */
 export function validateName(v) {
   if (!v) return 'A name is required.';
-  if (!NAME_RE.test(v)) return 'Lower-case letters, digits and "-", 1 to 63 characters, starting and ending with a letter or digit.';
+  if (!NAME_RE.test(v)) return 'Lower-case letters, digits, "-" and ".", 1 to 253 characters, starting and ending with a letter or digit.';
   return '';
 }
 
