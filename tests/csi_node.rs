@@ -19,7 +19,8 @@
 //!   back through the engine), then the same volume staged as xfs with mkfs options.
 //! - `driver_restart_keeps_volumes`: a driver killed and started again finds the volume's
 //!   device (no second attach), publishes and unstages it (stopping the nbdfuse it did not
-//!   start); a driver killed with volumes staged leaves state the test cleanup removes.
+//!   start); a dead nbdfuse shows as an abnormal volume condition; a driver killed with
+//!   volumes staged leaves state the test cleanup removes.
 //! - `concurrent_stages_of_one_volume`: parallel stages of one volume succeed or get
 //!   ABORTED (the per-volume guard), and leave one device and one mount.
 //! - `failed_stage_undoes_attach`: mkfs failing, and a filesystem other than the one
@@ -694,6 +695,33 @@ fn driver_restart_keeps_volumes() {
         .expect("stage");
     csi.block_on(csi.node().node_publish_volume(publish))
         .expect("publish");
+    assert!(
+        !stats(&csi, volume, &target)
+            .volume_condition
+            .expect("condition")
+            .abnormal
+    );
+    // nbdfuse dies: the volume condition says so.
+    let pidfile = csi.path(&format!("state/nbdfuse/{volume}/nbdfuse.pid"));
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill nbdfuse");
+    wait_until(std::time::Duration::from_secs(10), "nbdfuse gone", || {
+        !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+    });
+    let condition = stats(&csi, volume, &target)
+        .volume_condition
+        .expect("condition");
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(condition.message.contains("nbdfuse"), "{condition:?}");
     csi.kill();
     assert!(!mounts_under(csi.dir()).is_empty());
     csi.cleanup_host();

@@ -421,21 +421,30 @@ impl NodeOps {
                 path.display()
             )));
         }
-        let attached = self
+        let att = self
             .scheme
             .find(volume)
-            .map_err(|e| CsiError::device("find the volume's device", e))?;
-        let condition = match &attached {
-            Some(a) => pb::VolumeCondition {
+            .map_err(|e| CsiError::device("find the volume's device", e))?
+            .ok_or_else(|| {
+                CsiError::NotFound(format!("volume {volume} is not attached on this node"))
+            })?;
+        let condition = match self.scheme.health(volume, &att) {
+            Ok(()) => pb::VolumeCondition {
                 abnormal: false,
-                message: format!("attached as {}", a.device.display()),
+                message: format!("attached as {}", att.device.display()),
             },
-            None => pb::VolumeCondition {
+            Err(problem) => pb::VolumeCondition {
                 abnormal: true,
-                message: format!("volume {volume} has no device attached on this node"),
+                message: problem,
             },
         };
         if is_block_device(path) {
+            if !same_device(path, &att.device) {
+                return Err(CsiError::NotFound(format!(
+                    "{} is not volume {volume}'s device",
+                    path.display()
+                )));
+            }
             let total = device_size(path)
                 .map_err(|e| CsiError::Internal(format!("size of {}: {e}", path.display())))?;
             return Ok(pb::NodeGetVolumeStatsResponse {
@@ -447,11 +456,14 @@ impl NodeOps {
                 volume_condition: Some(condition),
             });
         }
-        if mounted_at(path, "read the volume path's mount")?.is_none() {
-            return Err(CsiError::NotFound(format!(
-                "volume {volume} is not mounted at {}",
-                path.display()
-            )));
+        match mounted_at(path, "read the volume path's mount")? {
+            Some(m) if Path::new(&m.source) == att.device => {}
+            _ => {
+                return Err(CsiError::NotFound(format!(
+                    "volume {volume} is not mounted at {}",
+                    path.display()
+                )));
+            }
         }
         let st = nix::sys::statvfs::statvfs(path)
             .map_err(|e| CsiError::Internal(format!("statvfs {}: {e}", path.display())))?;

@@ -121,6 +121,12 @@ pub trait AttachScheme: Send + Sync + fmt::Debug {
     /// expanded) and returns the device's size in bytes.
     fn refresh_size(&self, volume: &str, attachment: &Attachment) -> Result<u64, DeviceError>;
 
+    /// Whether what keeps `volume`'s device working is still there (an Err says what is
+    /// wrong); reported as the volume condition by NodeGetVolumeStats.
+    fn health(&self, _volume: &str, _attachment: &Attachment) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Whether [`AttachScheme::refresh_size`] can grow a device while it is attached
     /// (online expansion); when false, a grown volume shows its new size at its next attach.
     fn grows_online(&self) -> bool;

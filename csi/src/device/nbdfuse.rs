@@ -245,6 +245,14 @@ impl Nbdfuse {
     }
 }
 
+/// Whether process `pid` runs and is the nbdfuse serving `fuse` (its command line names it).
+fn nbdfuse_serves(pid: i32, fuse: &Path) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let needle = fuse.as_os_str().as_encoded_bytes();
+        c.split(|b| *b == 0).any(|arg| arg == needle)
+    })
+}
+
 /// Stops an nbdfuse this driver did not start (found through its pid file), if it still
 /// runs and is the one serving `fuse`.
 fn stop_by_pidfile(pidfile: &Path, fuse: &Path) {
@@ -254,12 +262,7 @@ fn stop_by_pidfile(pidfile: &Path, fuse: &Path) {
     else {
         return;
     };
-    let ours = || {
-        fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-            let needle = fuse.as_os_str().as_encoded_bytes();
-            c.split(|b| *b == 0).any(|arg| arg == needle)
-        })
-    };
+    let ours = || nbdfuse_serves(pid, fuse);
     if !ours() {
         return;
     }
@@ -366,6 +369,21 @@ impl AttachScheme for Nbdfuse {
         .map_err(|e| Self::cmd_err("refresh size", volume, e))?;
         device_size(&attachment.device)
             .map_err(|e| Self::io_err("refresh size", volume, &attachment.device, e))
+    }
+
+    fn health(&self, volume: &str, _attachment: &Attachment) -> Result<(), String> {
+        let p = self.paths(volume);
+        let pid = fs::read_to_string(&p.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .ok_or_else(|| format!("nbdfuse of volume {volume} has no pid file"))?;
+        if nbdfuse_serves(pid, &p.fuse) {
+            Ok(())
+        } else {
+            Err(format!(
+                "nbdfuse (pid {pid}) of volume {volume} is not running: I/O fails until the volume is staged again"
+            ))
+        }
     }
 
     fn grows_online(&self) -> bool {
