@@ -144,12 +144,12 @@ pub trait ManagerApi: Send + Sync + std::fmt::Debug + 'static {
     async fn detach(&self, name: &str) -> Result<(), ApiError>;
     /// Grows the volume to `size` bytes.
     async fn expand(&self, name: &str, size: u64) -> Result<(), ApiError>;
-    /// Snapshots, of one volume or all.
+    /// Snapshots, of one volume or of all volumes.
     async fn list_snapshots(&self, volume: Option<&str>) -> Result<Vec<SnapshotRecord>, ApiError>;
     /// Takes snapshot `name` of `volume`.
     async fn create_snapshot(&self, volume: &str, name: &str) -> Result<SnapshotRecord, ApiError>;
-    /// Deletes a snapshot.
-    async fn delete_snapshot(&self, name: &str) -> Result<(), ApiError>;
+    /// Deletes snapshot `name` of `volume`.
+    async fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), ApiError>;
     /// Backups, of one volume or all.
     async fn list_backups(&self, volume: Option<&str>) -> Result<Vec<BackupRecord>, ApiError>;
     /// Starts backup `name` of `volume` (of a new snapshot).

@@ -36,22 +36,27 @@ pub fn manager_name(prefix: &str, csi_name: &str) -> String {
 /// What a snapshot id names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotId {
-    /// An ironhorn snapshot (in the volume's replicas) named this.
-    Snapshot(String),
-    /// A backup in the backup target named this.
+    /// An ironhorn snapshot (in the volume's replicas): volume, snapshot name.
+    Snapshot(String, String),
+    /// A backup in the backup target, by name.
     Backup(String),
 }
 
 impl SnapshotId {
-    /// Parses `snap/NAME` or `bak/NAME`; None for anything else.
+    /// Parses `snap/VOLUME/NAME` or `bak/NAME`; None for anything else.
     pub fn parse(id: &str) -> Option<SnapshotId> {
-        let (kind, name) = id.split_once('/')?;
-        if name.is_empty() || name.contains('/') {
+        let mut parts = id.split('/');
+        let kind = parts.next()?;
+        let rest: Vec<&str> = parts.collect();
+        if rest.iter().any(|p| p.is_empty()) {
             return None;
         }
-        match kind {
-            "snap" => Some(SnapshotId::Snapshot(name.to_owned())),
-            "bak" => Some(SnapshotId::Backup(name.to_owned())),
+        match (kind, rest.as_slice()) {
+            ("snap", [volume, name]) => Some(SnapshotId::Snapshot(
+                (*volume).to_owned(),
+                (*name).to_owned(),
+            )),
+            ("bak", [name]) => Some(SnapshotId::Backup((*name).to_owned())),
             _ => None,
         }
     }
@@ -59,7 +64,7 @@ impl SnapshotId {
     /// The id's text.
     pub fn to_id(&self) -> String {
         match self {
-            SnapshotId::Snapshot(n) => format!("snap/{n}"),
+            SnapshotId::Snapshot(v, n) => format!("snap/{v}/{n}"),
             SnapshotId::Backup(n) => format!("bak/{n}"),
         }
     }
@@ -85,14 +90,23 @@ mod tests {
 
     #[test]
     fn snapshot_ids() {
-        let s = SnapshotId::parse("snap/s1").expect("snap");
-        assert_eq!(s, SnapshotId::Snapshot("s1".into()));
-        assert_eq!(s.to_id(), "snap/s1");
+        let s = SnapshotId::parse("snap/v1/s1").expect("snap");
+        assert_eq!(s, SnapshotId::Snapshot("v1".into(), "s1".into()));
+        assert_eq!(s.to_id(), "snap/v1/s1");
         assert_eq!(
             SnapshotId::parse("bak/b1"),
             Some(SnapshotId::Backup("b1".into()))
         );
-        for bad in ["", "snap", "snap/", "x/y", "snap/a/b"] {
+        for bad in [
+            "",
+            "snap",
+            "snap/",
+            "snap/a",
+            "x/y",
+            "snap/a/b/c",
+            "snap//b",
+            "bak/a/b",
+        ] {
             assert_eq!(SnapshotId::parse(bad), None, "{bad}");
         }
     }

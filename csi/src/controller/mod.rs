@@ -6,7 +6,7 @@
 //! - ControllerPublishVolume asks the manager to attach the volume to the node (an engine
 //!   starts there) and waits until it serves; the NBD URI goes to the node in the publish
 //!   context (`nbdUri`).
-//! - Snapshot ids are `snap/NAME` (an ironhorn snapshot) or `bak/NAME` (a backup), chosen by
+//! - Snapshot ids are `snap/VOLUME/NAME` (an ironhorn snapshot) or `bak/NAME` (a backup), chosen by
 //!   the VolumeSnapshotClass parameter `type`.
 //! - A call on an object another call is working on fails with ABORTED (the CO retries).
 
@@ -227,7 +227,7 @@ impl ControllerService {
                         }
                         p.volume.from_backup = Some(b);
                     }
-                    Some(SnapshotId::Snapshot(_)) => {
+                    Some(SnapshotId::Snapshot(..)) => {
                         return Err(invalid(
                             "a new volume cannot be made from an in-cluster snapshot (type: snap); use a VolumeSnapshotClass with type: bak",
                         ));
@@ -513,23 +513,25 @@ impl ControllerService {
             SnapshotKind::Snapshot => {
                 let existing = self
                     .api
-                    .list_snapshots(None)
+                    .list_snapshots(Some(volume))
                     .await?
                     .into_iter()
                     .find(|s| s.name == name);
                 let s = match existing {
                     Some(s) => s,
-                    None => self.api.create_snapshot(volume, &name).await?,
+                    None => match self.api.create_snapshot(volume, &name).await {
+                        Ok(s) => s,
+                        Err(ApiError::Conflict(_)) => {
+                            return Err(CsiError::AlreadyExists(format!(
+                                "snapshot {csi_name} exists for another volume"
+                            )));
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
                 };
-                if s.volume != volume {
-                    return Err(CsiError::AlreadyExists(format!(
-                        "snapshot {csi_name} exists for volume {}",
-                        s.volume
-                    )));
-                }
                 pb::Snapshot {
                     size_bytes: v.size as i64,
-                    snapshot_id: SnapshotId::Snapshot(s.name).to_id(),
+                    snapshot_id: SnapshotId::Snapshot(volume.to_owned(), s.name).to_id(),
                     source_volume_id: volume.to_owned(),
                     creation_time: to_timestamp(s.created.or(Some(SystemTime::now()))),
                     ready_to_use: s.ready,
@@ -577,7 +579,7 @@ impl ControllerService {
         };
         let _guard = self.locks.lock(&format!("snapshot/{id}"))?;
         let result = match &parsed {
-            SnapshotId::Snapshot(n) => self.api.delete_snapshot(n).await,
+            SnapshotId::Snapshot(v, n) => self.api.delete_snapshot(v, n).await,
             SnapshotId::Backup(n) => self.api.delete_backup(n).await,
         };
         match result {
@@ -611,17 +613,21 @@ impl ControllerService {
             .collect();
         let mut all: Vec<pb::Snapshot> = Vec::new();
         if !matches!(wanted, Some(SnapshotId::Backup(_))) {
-            for s in self.api.list_snapshots(volume_filter).await? {
+            let volume = match &wanted {
+                Some(SnapshotId::Snapshot(v, _)) => Some(v.as_str()),
+                _ => volume_filter,
+            };
+            for s in self.api.list_snapshots(volume).await? {
                 all.push(pb::Snapshot {
                     size_bytes: sizes.get(&s.volume).copied().unwrap_or(s.size) as i64,
-                    snapshot_id: SnapshotId::Snapshot(s.name).to_id(),
+                    snapshot_id: SnapshotId::Snapshot(s.volume.clone(), s.name).to_id(),
                     source_volume_id: s.volume,
                     creation_time: to_timestamp(s.created),
                     ready_to_use: s.ready,
                 });
             }
         }
-        if !matches!(wanted, Some(SnapshotId::Snapshot(_))) {
+        if !matches!(wanted, Some(SnapshotId::Snapshot(..))) {
             for b in self.api.list_backups(volume_filter).await? {
                 all.push(pb::Snapshot {
                     size_bytes: b.size as i64,
