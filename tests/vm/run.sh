@@ -2,7 +2,8 @@
 # Boots a stock Debian kernel (nbd.ko, ublk_drv.ko) under qemu with software emulation and
 # runs guest test scripts inside it against the project's own `ironhorn` binary.
 #
-#   tests/vm/run.sh [SCRIPT...]     # SCRIPT: names under tests/vm/guest/ (default: nbd ublk)
+#   tests/vm/run.sh [SCRIPT...]     # SCRIPT: names under tests/vm/guest/ (default: nbd ublk;
+#                                   # csi needs IRONHORN_VM_TEST_BIN)
 #
 # The guest is a busybox initramfs holding ironhorn, mkfs.ext4, e2fsck, fio and the kernel
 # modules; it has no network card (everything runs on the guest's loopback), runs the
@@ -12,7 +13,8 @@
 # Env: IRONHORN_BIN (default target/debug/ironhorn), IRONHORN_VM_CACHE (where setup.sh put
 #      the kernel, default /var/cache/ironhorn-vm), VM_TIMEOUT (seconds for the whole guest
 #      run, default 540), VM_MEM (MiB, default 1536), VM_SMP (default 2), VM_LOG (console
-#      log path; default a temporary file that is removed), VM_KEEP=1 (keep the work dir).
+#      log path; default a temporary file that is removed), VM_KEEP=1 (keep the work dir),
+#      IRONHORN_VM_TEST_BIN (the tests/vm_guest.rs binary, the CSI client of guest/csi.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -84,6 +86,19 @@ else
     cp "$BIN" "$work/ironhorn"
 fi
 copy_bin "$work/ironhorn" /usr/bin/ironhorn
+# the CSI client of guest/csi.sh: the tests/vm_guest.rs test binary itself
+if [ -n "${IRONHORN_VM_TEST_BIN:-}" ]; then
+    if command -v objcopy >/dev/null; then
+        objcopy --strip-debug "$IRONHORN_VM_TEST_BIN" "$work/vm-guest-test"
+    else
+        cp "$IRONHORN_VM_TEST_BIN" "$work/vm-guest-test"
+    fi
+    copy_bin "$work/vm-guest-test" /usr/bin/vm-guest-test
+fi
+# the node tools the CSI driver runs (util-linux and e2fsprogs, not busybox's)
+for tool in mount umount blkid dumpe2fs resize2fs; do
+    copy_bin "$(command -v "$tool")" "/opt/node-tools/$tool"
+done
 cp "$here"/guest/*.sh "$root/guest/"
 
 # kernel modules and their dependencies, decompressed for busybox modprobe
