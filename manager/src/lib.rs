@@ -8,7 +8,11 @@
 //!   now, Kubernetes later): get, list, create, update with a resource-version check,
 //!   status updates, delete with finalizers, watch.
 
+pub mod api;
+pub mod client;
 pub mod resources;
+pub mod server;
+pub mod settings;
 pub mod store;
 pub mod agent;
 pub mod controllers;
