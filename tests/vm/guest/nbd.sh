@@ -50,6 +50,8 @@ start_engine vnbd 256MiB 10809 9600 127.0.0.1:9602 127.0.0.1:9604
 wait_until 60 grep -q reconnected "$LOGS/nbd-attach.log" || fail "nbd: no reconnection after the engine restart"
 t nbd-reconnected
 wait "$WRITER" || fail "nbd: the writer across the engine restart failed"
+t nbd-writer-done
+dmesg | grep -iE "nbd" | grep -v "detected capacity" | tail -n 4 | sed "s/^/@@INFO dmesg /"
 write_files /mnt/after 2 4 || fail "nbd: write after restart"
 sync
 echo 3 >/proc/sys/vm/drop_caches

@@ -41,6 +41,8 @@ wait_until 60 sh -c "grep 'ublk device /dev/ublkb3 live' $LOGS/engine-vublk.log 
     fail "ublk: the restarted engine did not recover the device"
 t ublk-recovered
 wait "$WRITER" || fail "ublk: the writer across the engine restart failed"
+t ublk-writer-done
+dmesg | grep -iE "ublk" | grep -v "detected capacity" | tail -n 4 | sed "s/^/@@INFO dmesg /"
 write_files /mnt/after 2 4 || fail "ublk: write after restart"
 sync
 echo 3 >/proc/sys/vm/drop_caches
