@@ -5,7 +5,18 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Api } from './api.mjs';
-import { Proc, freePort, freePortRange, ironhornBin, waitPort } from './procs.mjs';
+import { Proc, freePort, freePortRange, ironhornBin, pidsMatching, waitPort } from './procs.mjs';
+
+/** Kills whatever still runs from this cluster's data directory (agents, engines, replicas). */
+function killLeftovers(dataDir) {
+  for (const pid of pidsMatching(dataDir)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
+}
 
 /** Finds the API token the manager keeps in its data directory (or printed). */
 function findToken(dataDir, log) {
@@ -22,8 +33,11 @@ export async function startCluster(work, { env = {} } = {}) {
   const dataDir = path.join(work, 'cluster');
   fs.mkdirSync(dataDir, { recursive: true });
   const apiPort = await freePort();
-  const portBase = await freePortRange(200);
-  const args = ['up', '--data-dir', dataDir, '--api-listen', `127.0.0.1:${apiPort}`, '--port-base', String(portBase)];
+  const agentPort = await freePort();
+  const portsPerNode = 60;
+  const portBase = await freePortRange(3 * portsPerNode);
+  const args = ['up', '--data-dir', dataDir, '--api-listen', `127.0.0.1:${apiPort}`, '--agent-listen', `127.0.0.1:${agentPort}`,
+    '--port-base', String(portBase), '--ports-per-node', String(portsPerNode)];
   const proc = new Proc('ironhorn-up', ironhornBin(), args, { env: { RUST_LOG: 'info', ...env }, cwd: work, logDir: work });
   const fail = (msg) => new Error(`${msg}\n--- ironhorn up log ---\n${proc.tail(60)}`);
   try {
@@ -35,6 +49,7 @@ export async function startCluster(work, { env = {} } = {}) {
     ]);
   } catch (e) {
     await proc.stop(2000);
+    killLeftovers(dataDir);
     throw e.message.includes('--- ironhorn up log') ? e : fail(e.message);
   }
   let token = null;
@@ -44,6 +59,7 @@ export async function startCluster(work, { env = {} } = {}) {
   }
   if (!token) {
     await proc.stop(2000);
+    killLeftovers(dataDir);
     throw fail('no API token found in the data directory or the log');
   }
   const url = `http://127.0.0.1:${apiPort}/`;
@@ -53,6 +69,7 @@ export async function startCluster(work, { env = {} } = {}) {
     return nodes.filter((n) => (n.status?.conditions ?? []).some((c) => c.type === 'Ready' && c.status === 'True')).length >= 3;
   }, 120000).catch(async (e) => {
     await proc.stop(2000);
+    killLeftovers(dataDir);
     throw fail(e.message);
   });
   return {
@@ -63,7 +80,10 @@ export async function startCluster(work, { env = {} } = {}) {
     proc,
     settingToChange: await pickSetting(api),
     tail: () => `--- ironhorn up log (last lines) ---\n${proc.tail(40)}`,
-    stop: () => proc.stop(20000),
+    stop: async () => {
+      await proc.stop(30000);
+      killLeftovers(dataDir);
+    },
   };
 }
 

@@ -25,6 +25,7 @@ export function mount(main, name) {
     lat: new LineChart({ title: 'Latency', series: [{ label: 'read', color: '#2b8a3e' }, { label: 'write', color: '#d9480f' }], format: (v) => `${v.toFixed(0)} µs` }),
   };
   let lastSample = null;
+  const statsNote = h('p', { class: 'small muted' });
 
   fill(main,
     h('p', { class: 'small' }, h('a', { href: '#/volumes' }, '← Volumes')),
@@ -33,7 +34,7 @@ export function mount(main, name) {
     h('div', { class: 'grid' },
       h('section', { class: 'panel', 'aria-labelledby': 'd-h' }, h('h2', { id: 'd-h' }, 'Details'), details, conditions),
       h('section', { class: 'panel', 'aria-labelledby': 'io-h' }, h('h2', { id: 'io-h' }, 'I/O (live)'),
-        h('div', { class: 'charts' }, charts.iops.el, charts.tput.el, charts.lat.el))),
+        h('div', { class: 'charts' }, charts.iops.el, charts.tput.el, charts.lat.el), statsNote)),
     h('section', { class: 'panel', 'aria-labelledby': 'r-h' }, h('h2', { id: 'r-h' }, 'Replicas'), replicas),
     h('section', { class: 'panel', 'aria-labelledby': 's-h' },
       h('div', { class: 'toolbar' }, h('h2', { id: 's-h', style: { margin: 0 } }, 'Snapshots'), h('span', { class: 'grow' }),
@@ -78,7 +79,7 @@ export function mount(main, name) {
     ];
     fill(details, kv.flatMap(([k, val]) => [h('dt', null, k), h('dd', null, val)]));
     const conds = st.conditions ?? [];
-    fill(conditions, conds.length ? h('ul', { class: 'events' }, conds.map((c) => h('li', null, badge(c.status === 'True' ? 'ok' : c.status === 'False' ? 'bad' : 'unknown', c.status), h('span', null, h('strong', null, c.type), c.reason ? ` ${c.reason}` : '', c.message ? `: ${c.message}` : '')))) : null);
+    fill(conditions, conds.length ? h('ul', { class: 'events' }, conds.map((c) => h('li', null, badge(c.status), h('span', null, h('strong', null, c.type), c.reason ? ` ${c.reason}` : '', c.message ? `: ${c.message}` : '')))) : null);
 
     const rs = model.replicasOf(name);
     keepFocus(replicas, () => fill(replicas, h('table', { class: 'responsive', 'aria-label': 'Replicas', id: 'replicas' },
@@ -111,6 +112,7 @@ export function mount(main, name) {
       : h('p', { class: 'muted' }, 'No recurring job applies to this volume.'));
 
     const stats = st.stats ?? model.engineOf(name)?.status?.stats;
+    statsNote.textContent = stats ? `sampled ${time(stats.sampledAt)}` : attached ? 'Waiting for the engine\'s first I/O sample…' : 'I/O statistics appear while the volume is attached.';
     const stamp = stats ? stats.sampledAt ?? JSON.stringify(stats) : null;
     if (stats && stamp !== lastSample) {
       lastSample = stamp;
