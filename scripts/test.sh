@@ -15,3 +15,5 @@ cargo clippy -p ironhorn-replica --all-targets --features failpoints -- -D warni
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast
 cargo test -p ironhorn-replica --features failpoints --test crash
+# The web UI end to end: headless Chromium against a real `up` cluster (tests/ui/README.md).
+timeout 1200 npm --prefix tests/ui test

@@ -9,7 +9,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { launch, shot } from './lib/browser.mjs';
+import { SHOT_DIR, launch, shot } from './lib/browser.mjs';
 import { startCluster } from './lib/cluster.mjs';
 import { startMoto, pidsMatching, run, sleep, tempDir } from './lib/procs.mjs';
 
@@ -86,6 +86,7 @@ const step = (name, fn) =>
 
 before(async () => {
   work = tempDir('ironhorn-ui-e2e-');
+  fs.rmSync(SHOT_DIR, { recursive: true, force: true });
   moto = await startMoto(work, BUCKET);
   cluster = await startCluster(work, {
     env: { AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test', AWS_REGION: 'us-east-1' },
@@ -267,6 +268,7 @@ step('back up to S3 (moto) and restore into a new volume', async (t) => {
     return st && (st.available || st.lastSyncedAt || (st.conditions ?? []).length) ? st : null;
   }, 60000).catch(() => null);
   if (!checked) {
+    await shot(page, 'backups');
     t.skip('the manager never checked the backup target (no backup controller): backup and restore steps not run');
     return;
   }
