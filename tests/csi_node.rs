@@ -187,9 +187,10 @@ fn identity_and_node_info() {
     use pb::node_service_capability::rpc::Type as Rpc;
     let rpcs: Vec<i32> = node_caps
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(pb::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type.as_ref().map(|t| match t {
+                pb::node_service_capability::Type::Rpc(r) => r.r#type,
+            })
         })
         .collect();
     for want in [
