@@ -443,3 +443,79 @@ async fn run_request<D: BlockDevice>(
 async fn join<T>(h: tokio::task::JoinHandle<Result<T, DeviceError>>) -> Result<T, DeviceError> {
     h.await.unwrap_or(Err(DeviceError::EIO))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DeviceResult;
+
+    /// A device that must never be called: bad configurations are refused first.
+    struct Untouched(u64);
+
+    impl BlockDevice for Untouched {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        async fn read(&self, _: u64, _: u32) -> DeviceResult<Bytes> {
+            panic!("read on a refused configuration")
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> DeviceResult<()> {
+            panic!("write on a refused configuration")
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceResult<()> {
+            panic!("write_zeroes on a refused configuration")
+        }
+        async fn trim(&self, _: u64, _: u64, _: bool) -> DeviceResult<()> {
+            panic!("trim on a refused configuration")
+        }
+        async fn flush(&self) -> DeviceResult<()> {
+            panic!("flush on a refused configuration")
+        }
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_before_the_kernel_is_asked() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let cases = [
+            (
+                1 << 30,
+                UblkConfig {
+                    queues: 0,
+                    ..UblkConfig::default()
+                },
+            ),
+            (
+                1 << 30,
+                UblkConfig {
+                    queues: 33,
+                    ..UblkConfig::default()
+                },
+            ),
+            (
+                1 << 30,
+                UblkConfig {
+                    depth: 0,
+                    ..UblkConfig::default()
+                },
+            ),
+            (
+                1 << 30,
+                UblkConfig {
+                    depth: 5000,
+                    ..UblkConfig::default()
+                },
+            ),
+            (0, UblkConfig::default()),
+            ((1 << 30) + 512, UblkConfig::default()),
+        ];
+        for (size, cfg) in cases {
+            let r = start(Arc::new(Untouched(size)), &cfg, rt.handle().clone());
+            assert!(
+                matches!(r, Err(UblkFrontendError::Invalid(_))),
+                "size {size}, {cfg:?}: {r:?}"
+            );
+        }
+    }
+}
