@@ -1,9 +1,12 @@
 //! `ironhorn csi`: the CSI driver (Identity + Controller and/or Node) on a unix socket.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use ironhorn_csi::controller::backend::ManagerApi;
+use ironhorn_csi::controller::manager::ManagerClient;
 use ironhorn_csi::device::SchemeKind;
 use ironhorn_csi::node::NodeConfig;
 use ironhorn_csi::{DriverConfig, Mode, socket_path};
@@ -74,9 +77,16 @@ impl CsiArgs {
             ModeArg::Node => Mode::Node,
             ModeArg::All => Mode::All,
         };
-        if mode.controller() && self.manager.is_none() {
-            anyhow::bail!("--manager URL is needed to run the controller service");
-        }
+        let manager: Option<Arc<dyn ManagerApi>> = match (&self.manager, mode.controller()) {
+            (Some(url), true) => {
+                let token = self.token.as_deref().unwrap_or_default();
+                let client = ManagerClient::new(url, token)
+                    .map_err(|e| anyhow::anyhow!("manager client for {url}: {e}"))?;
+                Some(Arc::new(client))
+            }
+            (None, true) => anyhow::bail!("--manager URL is needed to run the controller service"),
+            (_, false) => None,
+        };
         let config = DriverConfig {
             socket: socket_path(&self.endpoint)?,
             mode,
@@ -90,8 +100,7 @@ impl CsiArgs {
                 SchemeArg::KernelNbd => SchemeKind::KernelNbd,
             },
             state_dir: self.state_dir,
-            // The manager client is wired in when the manager's REST client exists.
-            manager: None,
+            manager,
         };
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod ids;
+pub mod manager;
 pub mod params;
 
 use std::collections::HashMap;
