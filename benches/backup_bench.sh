@@ -13,9 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release -q
-BIN=$PWD/target/release/ironhorn
-SIZE=$((2 << 30))
+[ -n "${IRONHORN_BIN:-}" ] || cargo build --release -q
+BIN=${IRONHORN_BIN:-$PWD/target/release/ironhorn}
+# BACKUP_BENCH_MIB: volume size in MiB (default 2048; smaller to try the script out).
+MIB=${BACKUP_BENCH_MIB:-2048}
+SIZE=$((MIB << 20))
 W=$(mktemp -d /tmp/ih-backup-bench.XXXXXX)
 PIDS=()
 cleanup() {
@@ -41,10 +43,10 @@ S3="s3://bench/ih?endpoint=http://127.0.0.1:$MOTO"
 FILE="file://$W/target"
 
 RC=$(port); RD=$(port); EC=$(port); NBD=$(port)
-"$BIN" replica serve --dir "$W/r" --size 2GiB --listen "127.0.0.1:$RC" --data-listen "127.0.0.1:$RD" 2>"$W/replica.log" &
+"$BIN" replica serve --dir "$W/r" --size "${MIB}MiB" --listen "127.0.0.1:$RC" --data-listen "127.0.0.1:$RD" 2>"$W/replica.log" &
 PIDS+=($!)
 sleep 1
-"$BIN" engine serve --volume bench --size 2GiB --replica "127.0.0.1:$RC" --nbd "tcp://127.0.0.1:$NBD" --listen "127.0.0.1:$EC" 2>"$W/engine.log" &
+"$BIN" engine serve --volume bench --size "${MIB}MiB" --replica "127.0.0.1:$RC" --nbd "tcp://127.0.0.1:$NBD" --listen "127.0.0.1:$EC" 2>"$W/engine.log" &
 PIDS+=($!)
 for _ in $(seq 100); do "$BIN" engine ctl --engine "127.0.0.1:$EC" info >/dev/null 2>&1 && break; sleep 0.2; done
 CTL=("$BIN" engine ctl --engine "127.0.0.1:$EC" --json)
@@ -65,10 +67,10 @@ for name in S3 FILE; do
     R[$name.id1]=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["backup_id"])')
 done
 
-# 1 % change: 10 random 2 MiB pieces at random 2 MiB-aligned offsets.
-for i in $(seq 10); do
+# 1 % change: random 2 MiB pieces (10 for 2 GiB) at random 2 MiB-aligned offsets.
+for i in $(seq $((MIB / 200 > 0 ? MIB / 200 : 1))); do
     head -c $((2 << 20)) /dev/urandom >"$W/piece"
-    off=$(( (RANDOM % 1024) * (2 << 20) ))
+    off=$(( (RANDOM % (MIB / 2)) * (2 << 20) ))
     qemu-io -f raw "nbd://127.0.0.1:$NBD/bench" -c "write -s $W/piece $off 2M" >/dev/null
 done
 "${CTL[@]}" snapshot create s2 >/dev/null

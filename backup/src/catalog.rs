@@ -129,7 +129,7 @@ impl Target {
         let key = self.manifest_key(id).await?;
         match self.read_manifest_at(&key).await {
             Err(BackupError::Store {
-                source: object_store::Error::NotFound { .. },
+                error: object_store::Error::NotFound { .. },
                 ..
             }) => Err(BackupError::BackupNotFound(id.to_owned())),
             other => other,
@@ -158,7 +158,7 @@ impl Target {
                     Ok(m) => Ok(Some(BackupSummary::from(&m))),
                     // Deleted since the listing.
                     Err(BackupError::Store {
-                        source: object_store::Error::NotFound { .. },
+                        error: object_store::Error::NotFound { .. },
                         ..
                     }) => Ok(None),
                     Err(e) => Err(e),

@@ -111,7 +111,7 @@ async fn volume_config(target: &Target, volume: &str, asked: Option<u64>) -> Res
                 return Ok(cfg);
             }
             Err(BackupError::Store {
-                source: object_store::Error::NotFound { .. },
+                error: object_store::Error::NotFound { .. },
                 ..
             }) => {
                 let cfg = VolumeConfig {
@@ -123,7 +123,7 @@ async fn volume_config(target: &Target, volume: &str, asked: Option<u64>) -> Res
                     Ok(_) => return Ok(cfg),
                     // Another backup created it first: read theirs.
                     Err(BackupError::Store {
-                        source: object_store::Error::AlreadyExists { .. },
+                        error: object_store::Error::AlreadyExists { .. },
                         ..
                     }) => continue,
                     Err(e) => return Err(e),

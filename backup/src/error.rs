@@ -25,15 +25,15 @@ pub enum BackupError {
         reason: String,
     },
     /// An object store request failed.
-    #[error("{op} {key}: {source}")]
+    #[error("{op} {key}: {error}")]
     Store {
         /// The operation (`put`, `get`, `list`…).
         op: &'static str,
         /// The object key or prefix, relative to the target.
         key: String,
-        /// What the store said.
-        #[source]
-        source: object_store::Error,
+        /// What the store said (in the message, not a separate cause: the store's own
+        /// messages already repeat their causes).
+        error: object_store::Error,
     },
     /// No backup with this id exists in the target.
     #[error("backup {0:?} not found")]
@@ -57,13 +57,12 @@ pub enum BackupError {
         reason: String,
     },
     /// Reading the snapshot or writing the restored volume failed.
-    #[error("{op}: {source}")]
+    #[error("{op}: {error}")]
     Io {
         /// What was being done.
         op: String,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The target's lock could not be taken in time.
     #[error("target busy: {0}")]
@@ -83,19 +82,19 @@ impl BackupError {
     pub(crate) fn store(
         op: &'static str,
         key: impl Into<String>,
-        source: object_store::Error,
+        error: object_store::Error,
     ) -> Self {
         BackupError::Store {
             op,
             key: key.into(),
-            source,
+            error,
         }
     }
 
-    pub(crate) fn io(op: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(op: impl Into<String>, error: std::io::Error) -> Self {
         BackupError::Io {
             op: op.into(),
-            source,
+            error,
         }
     }
 

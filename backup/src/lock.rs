@@ -230,7 +230,7 @@ impl Lease {
                 Ok(b) => serde_json::from_slice::<LockRecord>(&b).ok(),
                 // Deleted since the listing: gone.
                 Err(BackupError::Store {
-                    source: object_store::Error::NotFound { .. },
+                    error: object_store::Error::NotFound { .. },
                     ..
                 }) => continue,
                 Err(e) => return Err(e),
@@ -329,7 +329,7 @@ async fn renew_loop(
                     Ok(r) => Ok(r.e_tag),
                     Err(
                         e @ BackupError::Store {
-                            source:
+                            error:
                                 object_store::Error::Precondition { .. }
                                 | object_store::Error::NotFound { .. },
                             ..
@@ -356,7 +356,7 @@ async fn renew_loop(
             }
             Err(
                 e @ BackupError::Store {
-                    source:
+                    error:
                         object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
                     ..
                 },

@@ -65,7 +65,7 @@ async fn fetch_checked(
     let obj = match target.get(&key).await {
         Ok(b) => b,
         Err(BackupError::Store {
-            source: object_store::Error::NotFound { .. },
+            error: object_store::Error::NotFound { .. },
             ..
         }) => return Err("missing".into()),
         Err(e) => return Err(e.to_string()),

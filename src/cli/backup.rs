@@ -520,7 +520,7 @@ pub(crate) async fn engine_ctl(
             bar.set_style(style.progress_chars("=> "));
         }
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let info = c
                 .info(pb::EngineInfoRequest {})
                 .await
