@@ -4,9 +4,13 @@ mod agent;
 mod backup;
 mod csi;
 mod engine;
+mod manager;
 mod nbd;
+mod node;
 mod replica;
+mod setting;
 mod up;
+mod volume;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +36,8 @@ enum Command {
     /// replica processes the manager wants on this node.
     Agent(agent::AgentArgs),
     /// Engine process: serves one volume over NBD, mirrored to its replicas; and its control.
+    /// The manager: embedded store, REST API and web UI, agent service, controllers.
+    Manager(manager::ManagerArgs),
     #[command(subcommand)]
     Engine(engine::EngineCommand),
     /// The data path on this machine: replicas and an engine exporting a volume over NBD on
@@ -43,6 +49,13 @@ enum Command {
     /// restarts), list, detach.
     #[command(subcommand)]
     Nbd(nbd::NbdCommand),
+    /// Volumes through the manager's API: create, ls, get, rm, attach, detach, expand,
+    /// snapshot …, backup …, replica ….
+    Volume(volume::VolumeArgs),
+    /// Nodes and their disks through the manager's API: ls, get, update.
+    Node(node::NodeArgs),
+    /// Settings through the manager's API: ls, get, set.
+    Setting(setting::SettingArgs),
 }
 
 impl Cli {
@@ -57,10 +70,14 @@ impl Cli {
             Command::Replica(cmd) => cmd.run().await,
             Command::Backup(args) => args.run().await,
             Command::Agent(args) => args.run().await,
+            Command::Manager(args) => args.run().await,
             Command::Engine(cmd) => cmd.run().await,
             Command::Up(args) => args.run().await,
             Command::Csi(args) => args.run().await,
             Command::Nbd(cmd) => cmd.run().await,
+            Command::Volume(args) => args.run().await,
+            Command::Node(args) => args.run().await,
+            Command::Setting(args) => args.run().await,
         }
     }
 }
