@@ -19,6 +19,7 @@ const EXPECTED: &[&str] = &[
     "nbd-attach-idempotent",
     "nbd-discard-write-zeroes",
     "nbd-engine-restart-under-mount",
+    "nbd-supervisor-restart-adopts",
     "nbd-fsck-clean",
     "nbd-detach",
     "nbd-fio-verify",

@@ -438,6 +438,7 @@ pub fn supervise(
             // harmless while they live (the kernel answers ENOSPC: no dead socket).
             std::thread::sleep(ADOPTED_PROBE);
             if let Some(sock) = reconnect_once(&mut nl, att, target, opts, false)? {
+                tracing::info!(index = att.index, "reconnected (adopted attachment)");
                 att.sockets.push(sock);
             }
             continue;

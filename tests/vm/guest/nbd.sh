@@ -61,6 +61,35 @@ md5sum -c /tmp/during.md5 >/dev/null || fail "nbd: file written across the resta
 no_io_errors "$NAME" || fail "nbd: the kernel logged I/O errors: $(dmesg | grep -i 'error' | tail -3)"
 pass nbd-engine-restart-under-mount
 
+# A supervisor stopped while the device stays attached: a new one adopts the attachment
+# (it does not hold the kernel's sockets, so it probes) and still reconnects after another
+# engine restart.
+kill "$SUP"
+wait "$SUP" || fail "nbd: supervisor exited non-zero on SIGTERM"
+grep -q "device stays attached" "$LOGS/nbd-attach.log" || fail "nbd: supervisor did not stop cleanly"
+[ -e /sys/block/$NAME/pid ] || fail "nbd: stopping the supervisor detached the device"
+ironhorn nbd attach "$URI" --supervise --io-timeout 5s --dead-conn-timeout 60s \
+    >/tmp/attach2.out 2>>"$LOGS/nbd-attach2.log" &
+SUP=$!
+wait_until 30 grep -q "$DEV" /tmp/attach2.out || fail "nbd: second supervisor printed no device"
+grep -q "already attached" "$LOGS/nbd-attach2.log" || fail "nbd: second supervisor attached anew"
+sleep 3
+(dd if=/dev/urandom of=/mnt/during2 bs=1M count=8 conv=fsync 2>/dev/null && md5sum /mnt/during2 >/tmp/during2.md5) &
+WRITER=$!
+sleep 0.5
+kill -9 "$(cat /tmp/engine-vnbd.pid)"
+sleep 2
+start_engine vnbd 256MiB 10809 9600 127.0.0.1:9602 127.0.0.1:9604
+wait_until 60 grep -q "reconnected (adopted attachment)" "$LOGS/nbd-attach2.log" ||
+    fail "nbd: the adopting supervisor did not reconnect"
+wait "$WRITER" || fail "nbd: the writer across the second engine restart failed"
+echo 3 >/proc/sys/vm/drop_caches
+md5sum -c /tmp/during2.md5 >/dev/null || fail "nbd: file written across the second restart changed"
+check_files /mnt/before || fail "nbd: files changed after the second restart"
+no_io_errors "$NAME" || fail "nbd: I/O errors after the second restart"
+pass nbd-supervisor-restart-adopts
+t nbd-adopted-reconnected
+
 umount /mnt || fail "nbd: umount"
 e2fsck -fn "$DEV" >"$LOGS/nbd-fsck.log" 2>&1 || fail "nbd: e2fsck found problems"
 pass nbd-fsck-clean
