@@ -248,7 +248,34 @@ step('take a snapshot and see it in the tree', async () => {
   await dlg.waitFor({ state: 'detached' });
   await page.waitForSelector(`#snapshot-tree [data-snapshot="${SNAP}"]`);
   await page.waitForSelector(`#snapshot-tree [data-snapshot="${SNAP}"] .badge.ready`, { timeout: 60000 });
+  const snaps = await api.list(`/v1/volumes/${VOL}/snapshots`);
+  assert.ok(snaps.some((s) => s.metadata.name === SNAP), `${SNAP} on the server`);
   await shot(page, 'volume');
+  await goto('#/');
+  await page.waitForSelector('#robustness-cards .card.healthy .n:text("1")');
+  await shot(page, 'dashboard-volumes');
+});
+
+step('recurring job: a bad schedule refused by the server, a good one added, then deleted', async () => {
+  await goto(`#/volumes/${VOL}`);
+  await page.click('button:text("Add job")');
+  const dlg = page.locator('dialog[open]');
+  await dlg.locator('input[name=name]').fill('ui-job');
+  await dlg.locator('input[name=cron]').fill('61 * * * *');
+  await dlg.locator('button[type=submit]').click();
+  await dlg.locator('.server-error').filter({ hasText: /minute/ }).waitFor();
+  await assert.rejects(api.get('/v1/recurringjobs/ui-job'), /404/);
+  await dlg.locator('input[name=cron]').fill('*/5 * * * *');
+  await dlg.locator('button[type=submit]').click();
+  await dlg.waitFor({ state: 'detached' });
+  await page.waitForSelector('li[data-key="ui-job"]');
+  const job = await api.get('/v1/recurringjobs/ui-job');
+  assert.deepEqual(job.spec.volumes, [VOL]);
+  assert.equal(job.spec.cron, '*/5 * * * *');
+  await page.click('button[aria-label="Delete job ui-job"]');
+  await dlg.locator('button[type=submit]').click();
+  await page.waitForSelector('li[data-key="ui-job"]', { state: 'detached' });
+  await assert.rejects(api.get('/v1/recurringjobs/ui-job'), /404/);
 });
 
 step('back up to S3 (moto) and restore into a new volume', async (t) => {

@@ -129,6 +129,11 @@ export const setSetting = (name, value) => api.put(`/v1/settings/${enc(name)}`, 
 /** Sets the backup target URL (empty for none). */
 export const setBackupTarget = (url, credentialSecret) => api.put('/v1/backuptarget', credentialSecret ? { url, credentialSecret } : { url });
 
+/** Creates a recurring job {name, task, cron, retain, volumes}. */
+export const createJob = (job) => api.post('/v1/recurringjobs', job);
+/** Deletes a recurring job. */
+export const deleteJob = (name) => api.del(`/v1/recurringjobs/${enc(name)}`);
+
 /** Every setting with its definition: [{name, value, default, description, type, min, max}]. */
 export async function settingDefinitions() {
   return store.itemsOf(await api.get('/v1/settings'));

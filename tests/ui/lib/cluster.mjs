@@ -72,6 +72,8 @@ export async function startCluster(work, { env = {} } = {}) {
     killLeftovers(dataDir);
     throw fail(e.message);
   });
+  // The build machine's disk may be nearly full; scheduling must not depend on it here.
+  await api.req('PUT', '/v1/settings/storage-minimal-available-percentage', { value: '0' });
   return {
     url,
     token,

@@ -14,7 +14,7 @@ const GROUPS = [
 
 /** Mounts the dashboard into main. */
 export function mount(main) {
-  const cards = h('div', { class: 'cards', id: 'robustness' });
+  const cards = h('div', { class: 'cards', id: 'robustness-cards' });
   const capacity = h('div');
   const work = h('div');
   const events = h('ul', { class: 'events', 'aria-label': 'Recent events' });

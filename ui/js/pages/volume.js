@@ -43,7 +43,10 @@ export function mount(main, name) {
       tree),
     h('div', { class: 'grid' },
       h('section', { class: 'panel', 'aria-labelledby': 'b-h' }, h('h2', { id: 'b-h' }, 'Backups'), backups),
-      h('section', { class: 'panel', 'aria-labelledby': 'j-h' }, h('h2', { id: 'j-h' }, 'Recurring jobs'), jobs)));
+      h('section', { class: 'panel', 'aria-labelledby': 'j-h' },
+        h('div', { class: 'toolbar' }, h('h2', { id: 'j-h', style: { margin: 0 } }, 'Recurring jobs'), h('span', { class: 'grow' }),
+          h('button', { class: 'small', onclick: () => jobDialog(name) }, 'Add job')),
+        jobs)));
 
   function update() {
     const v = store.one('Volume', name);
@@ -107,9 +110,14 @@ export function mount(main, name) {
       : h('p', { class: 'muted' }, 'No backup of this volume.')));
 
     const js = store.all('RecurringJob').filter((j) => !(j.spec?.volumes ?? []).length || j.spec.volumes.includes(name));
-    fill(jobs, js.length ? h('ul', { class: 'events' }, js.map((j) => h('li', null, h('strong', null, store.nameOf(j)),
-      h('span', null, `${j.spec?.task} · `, h('span', { class: 'mono' }, j.spec?.cron), ` · keep ${j.spec?.retain} · next ${time(j.status?.nextRun)} · last ${ago(j.status?.lastRun)}`))))
-      : h('p', { class: 'muted' }, 'No recurring job applies to this volume.'));
+    keepFocus(jobs, () => fill(jobs, js.length ? h('ul', { class: 'events' }, js.map((j) => h('li', { dataset: { key: store.nameOf(j) } }, h('strong', null, store.nameOf(j)),
+      h('span', { class: 'grow' }, `${j.spec?.task} · `, h('span', { class: 'mono' }, j.spec?.cron), ` · keep ${j.spec?.retain}${(j.spec?.volumes ?? []).length ? '' : ' · all volumes'} · next ${time(j.status?.nextRun)} · last ${ago(j.status?.lastRun)}`),
+      h('button', { class: 'small danger', 'aria-label': `Delete job ${store.nameOf(j)}`, onclick: () => confirmDialog({
+        title: `Delete recurring job ${store.nameOf(j)}?`,
+        message: h('p', null, `No more ${j.spec?.task}s on "${j.spec?.cron}". Snapshots and backups it took are kept.`),
+        confirmText: `Delete ${store.nameOf(j)}`, action: () => model.deleteJob(store.nameOf(j)),
+      }) }, 'Delete'))))
+      : h('p', { class: 'muted' }, 'No recurring job applies to this volume.')));
 
     const stats = st.stats ?? model.engineOf(name)?.status?.stats;
     statsNote.textContent = stats ? `sampled ${time(stats.sampledAt)}` : attached ? 'Waiting for the engine\'s first I/O sample…' : 'I/O statistics appear while the volume is attached.';
@@ -145,6 +153,21 @@ function snapNode(node, volume, attached) {
       confirmText: `Delete ${sname}`, action: () => model.deleteSnapshot(volume, sname),
     }) }, 'Delete'));
   return h('li', { dataset: { key: sname } }, label, node.children.length ? h('ul', { role: 'group' }, node.children.map((c) => snapNode(c, volume, attached))) : null);
+}
+
+function jobDialog(volume) {
+  return formDialog({
+    title: `Recurring job for ${volume}`,
+    submitText: 'Add job',
+    fields: [
+      { name: 'name', label: 'Name', value: `${volume}-nightly`, validate: validateName },
+      { name: 'task', label: 'Task', type: 'select', value: 'snapshot', options: [['snapshot', 'snapshot'], ['backup', 'backup (snapshot, then back it up)']] },
+      { name: 'cron', label: 'Schedule (cron, UTC)', value: '0 2 * * *', hint: 'minute hour day-of-month month day-of-week',
+        validate: (v) => (v.trim().split(/\s+/).length === 5 ? '' : 'Five fields: minute hour day-of-month month day-of-week.') },
+      { name: 'retain', label: 'Keep', type: 'number', value: 7, min: 1, max: 100, validate: (v) => (/^\d+$/.test(v) && +v >= 1 && +v <= 100 ? '' : 'A whole number from 1 to 100.') },
+    ],
+    submit: (v) => model.createJob({ name: v.name, task: v.task, cron: v.cron.trim(), retain: Number(v.retain), volumes: [volume] }),
+  });
 }
 
 function snapshotDialog(volume) {

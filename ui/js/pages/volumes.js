@@ -106,7 +106,10 @@ export function mount(main) {
       { key: 'size', label: 'Size', value: (v) => v.spec?.size ?? 0, render: (v) => bytes(v.spec?.size) },
       { key: 'actual', label: 'Actual size', value: (v) => v.status?.actualSize ?? 0, render: (v) => bytes(v.status?.actualSize ?? 0) },
       { key: 'replicas', label: 'Replicas', value: (v) => v.spec?.numberOfReplicas ?? 0, render: (v) => `${v.status?.healthyReplicas ?? 0} / ${v.spec?.numberOfReplicas ?? '?'}` },
-      { key: 'state', label: 'State', value: (v) => v.status?.state ?? 'creating', render: (v) => badge(v.status?.state ?? 'creating') },
+      { key: 'state', label: 'State', value: (v) => v.status?.state ?? 'creating', render: (v) => {
+        const stuck = (v.status?.conditions ?? []).find((c) => c.status === 'False' && ['Scheduled', 'Restored', 'Attached'].includes(c.type) && c.message);
+        return h('span', null, badge(v.status?.state ?? 'creating'), stuck ? h('div', { class: 'error-text small', title: stuck.reason }, stuck.message) : null);
+      } },
       { key: 'robustness', label: 'Robustness', value: (v) => model.robustnessGroup(v), render: (v) => {
         const p = model.rebuildOf(store.nameOf(v));
         return h('span', null, badge(v.status?.robustness ?? 'unknown'), p !== null && p !== undefined ? [' ', progress(p, 'rebuild')] : null);
