@@ -6,9 +6,12 @@
 //! that directory — mounts (lazy unmount, deepest first), loop devices whose backing file
 //! lies there, nbdfuse processes serving there — then kills the driver, so a failing test
 //! leaves nothing behind. [`Csi::assert_host_clean`] checks that nothing is left without
-//! that help (the driver must have cleaned up itself).
+//! that help (the driver must have cleaned up itself). [`cluster::ControlPlane`] runs a
+//! manager and one agent for the controller tests.
 
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::fs;
 use std::path::{Path, PathBuf};
