@@ -217,6 +217,44 @@ mod tests {
         assert_eq!(&s.output[24..27], b"vol");
     }
 
+    /// Every truncation and every single-byte corruption of a valid server exchange gives
+    /// an answer or an error, never a panic or a read past what the server sent.
+    #[test]
+    fn truncated_or_corrupted_servers_never_panic() {
+        let mut valid = greeting();
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        info.extend_from_slice(&0x1edu16.to_be_bytes());
+        valid.extend(reply(REP_INFO, &info));
+        let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [512u32, 4096, 32 << 20] {
+            bs.extend_from_slice(&v.to_be_bytes());
+        }
+        valid.extend(reply(REP_INFO, &bs));
+        valid.extend(reply(REP_ACK, &[]));
+        let run = |input: Vec<u8>| {
+            let mut s = Script {
+                input: io::Cursor::new(input),
+                output: Vec::new(),
+            };
+            negotiate(&mut s, "vol")
+        };
+        assert!(run(valid.clone()).is_ok());
+        for cut in 0..valid.len() {
+            assert!(
+                run(valid[..cut].to_vec()).is_err(),
+                "truncated at {cut} accepted"
+            );
+        }
+        for pos in 0..valid.len() {
+            for x in [0x01u8, 0x80, 0xff] {
+                let mut v = valid.clone();
+                v[pos] ^= x;
+                let _ = run(v);
+            }
+        }
+    }
+
     #[test]
     fn refusal_and_garbage_are_errors() {
         let mut input = greeting();

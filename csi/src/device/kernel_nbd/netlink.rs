@@ -367,6 +367,25 @@ mod tests {
         assert_eq!(find_attr(&b[..6], 7), None);
     }
 
+    /// Attribute parsing of arbitrary bytes (what a reply could hold) never panics.
+    #[test]
+    fn attribute_parsing_of_garbage_never_panics() {
+        let mut x: u32 = 0x1234_5678;
+        for len in 0..300usize {
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            for t in 0..12 {
+                let _ = find_attr(&buf, t);
+            }
+        }
+    }
+
     #[test]
     fn sockets_are_nested_items() {
         let mut b = Vec::new();
