@@ -457,7 +457,10 @@ mod tests {
             ..req(GIB)
         };
         let e = schedule(&r, &nodes, &ready, &[], &Policy::default()).unwrap_err();
-        assert!(e.reason.contains("node tags") && e.reason.contains("disk tags"), "{e}");
+        assert!(
+            e.reason.contains("node tags") && e.reason.contains("disk tags"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -489,7 +492,14 @@ mod tests {
     #[test]
     fn the_roomiest_disk_wins_and_ties_are_deterministic() {
         let nodes = vec![
-            node("n1", "", &[("d1", 100 * GIB, 90 * GIB, &[]), ("d2", 200 * GIB, 190 * GIB, &[])]),
+            node(
+                "n1",
+                "",
+                &[
+                    ("d1", 100 * GIB, 90 * GIB, &[]),
+                    ("d2", 200 * GIB, 190 * GIB, &[]),
+                ],
+            ),
             node("n2", "", &[("d", 100 * GIB, 90 * GIB, &[])]),
         ];
         let ready = all_ready(&nodes);

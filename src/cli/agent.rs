@@ -24,7 +24,11 @@ pub struct AgentArgs {
     disks: Vec<String>,
 
     /// gRPC URL of the manager's agent service.
-    #[arg(long, env = "IRONHORN_MANAGER", default_value = "http://127.0.0.1:9501")]
+    #[arg(
+        long,
+        env = "IRONHORN_MANAGER",
+        default_value = "http://127.0.0.1:9501"
+    )]
     manager: String,
 
     /// Bearer token of the manager.
@@ -59,8 +63,14 @@ pub fn parse_ports(s: &str) -> anyhow::Result<std::ops::RangeInclusive<u16>> {
     let (a, b) = s
         .split_once('-')
         .with_context(|| format!("bad port range {s:?}: expected FIRST-LAST"))?;
-    let a: u16 = a.trim().parse().with_context(|| format!("bad port {a:?}"))?;
-    let b: u16 = b.trim().parse().with_context(|| format!("bad port {b:?}"))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .with_context(|| format!("bad port {a:?}"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .with_context(|| format!("bad port {b:?}"))?;
     if a == 0 || b <= a {
         bail!("bad port range {s:?}: FIRST must be at least 1 and below LAST");
     }

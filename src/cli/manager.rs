@@ -17,7 +17,11 @@ pub const DEFAULT_AGENT_LISTEN: &str = "127.0.0.1:9501";
 #[derive(Debug, Args)]
 pub struct ManagerArgs {
     /// Directory of the store file and the API token.
-    #[arg(long, env = "IRONHORN_MANAGER_DATA_DIR", default_value = "ironhorn-data/manager")]
+    #[arg(
+        long,
+        env = "IRONHORN_MANAGER_DATA_DIR",
+        default_value = "ironhorn-data/manager"
+    )]
     data_dir: PathBuf,
 
     /// Address of the REST API and web UI.

@@ -35,13 +35,13 @@ enum Command {
     /// Node agent: registers the node and its disks with the manager and runs the engine and
     /// replica processes the manager wants on this node.
     Agent(agent::AgentArgs),
-    /// Engine process: serves one volume over NBD, mirrored to its replicas; and its control.
     /// The manager: embedded store, REST API and web UI, agent service, controllers.
     Manager(manager::ManagerArgs),
+    /// Engine process: serves one volume over NBD, mirrored to its replicas; and its control.
     #[command(subcommand)]
     Engine(engine::EngineCommand),
-    /// The data path on this machine: replicas and an engine exporting a volume over NBD on
-    /// 127.0.0.1; Ctrl-C stops it, running it again resumes the same volume.
+    /// The whole system on this machine: the manager (API on 127.0.0.1:9500) and three
+    /// agents (node-1..3); Ctrl-C stops it, running it again brings back the same volumes.
     Up(up::UpArgs),
     /// CSI driver (Identity, Controller, Node) on a unix socket, for Kubernetes.
     Csi(csi::CsiArgs),

@@ -1,73 +1,75 @@
-//! `ironhorn up`: the whole data path on one machine, without Kubernetes.
+//! `ironhorn up`: the whole system on one machine, without Kubernetes.
 //!
-//! Starts replica processes under a data directory and an engine that exports one volume
-//! over NBD on 127.0.0.1 (TCP and a unix socket), prints how to reach it, heals replicas the
-//! engine reports as dropped, and stops everything cleanly on Ctrl-C (engine first, so its
-//! last flush reaches the replicas). Run again with the same data directory, it resumes the
-//! same volume. Until the manager lands, this is the system's main job.
+//! Starts the manager (embedded store under the data directory, REST API on
+//! 127.0.0.1:9500, agent service on 127.0.0.1:9501) and three agents as nodes `node-1..3`,
+//! each with its own disk directory, so that hard anti-affinity holds for 3-replica
+//! volumes. Prints the URL, the token and a quick start. Children that die are restarted.
+//! Ctrl-C stops everything in order: engines first (their last flush reaches the replicas),
+//! then replicas and agents, then the manager. Run again with the same data directory, it
+//! brings back the same volumes and data (the manager re-creates the engines of attached
+//! volumes).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use serde_json::json;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
-
-use crate::size::ByteSize;
 
 /// Arguments of `ironhorn up`.
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Directory that holds the replicas, logs and state of this local cluster.
+    /// Directory that holds the store, the nodes' disks, logs and state of this cluster.
     #[arg(long, env = "IRONHORN_DATA_DIR", default_value = "ironhorn-data")]
     data_dir: PathBuf,
 
-    /// Name of the volume (the NBD export name).
-    #[arg(long, default_value = "vol1")]
-    volume: String,
+    /// Address of the manager's REST API (and web UI).
+    #[arg(long, alias = "listen", default_value = "127.0.0.1:9500")]
+    api_listen: SocketAddr,
 
-    /// Size of the volume when it is created (ignored when resuming).
-    #[arg(long, default_value = "1GiB")]
-    size: ByteSize,
+    /// Address of the manager's agent service (gRPC). Default: the API's host, next port.
+    #[arg(long)]
+    agent_listen: Option<SocketAddr>,
 
-    /// Number of replicas when the volume is created (ignored when resuming).
+    /// Number of nodes (agents), named node-1, node-2, ...
     #[arg(long, default_value_t = 3)]
-    replicas: usize,
+    nodes: u16,
 
-    /// TCP port of the NBD export on 127.0.0.1.
-    #[arg(long, default_value_t = 10809)]
-    nbd_port: u16,
-
-    /// Port of the engine's control service; replica i listens on base + 10 + 10·i and the
-    /// next port (data).
-    #[arg(long, default_value_t = 9500)]
+    /// First port of the engines and replicas; node i takes the next `--ports-per-node`.
+    #[arg(long, default_value_t = 10000)]
     port_base: u16,
+
+    /// Ports each node's engines and replicas may use (two per process).
+    #[arg(long, default_value_t = 60)]
+    ports_per_node: u16,
+
+    /// Seconds a silent node waits before its replicas are replaced (the
+    /// `node-down-timeout` setting is set to this on a new cluster when given).
+    #[arg(long)]
+    node_down_timeout: Option<u64>,
 }
 
-/// What `up` remembers in `DATA_DIR/up.json`, so that a second run resumes the same volume.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct UpState {
-    volume: String,
-    size: u64,
-    replicas: usize,
+/// A child `up` runs and restarts.
+struct Supervised {
+    name: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    restarts: u32,
+    next_start: Option<Instant>,
 }
 
-const STATE_FILE: &str = "up.json";
-
-async fn wait_port(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("nothing listens on {addr} after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+impl Supervised {
+    fn pid(&self) -> Option<Pid> {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .map(|p| Pid::from_raw(p as i32))
     }
 }
 
@@ -81,238 +83,227 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
     Ok(Stdio::from(f))
 }
 
-fn spawn(exe: &Path, args: &[String], log: Stdio) -> anyhow::Result<Child> {
-    Command::new(exe)
-        .args(args)
+fn spawn(exe: &Path, dir: &Path, s: &mut Supervised) -> anyhow::Result<()> {
+    let child = Command::new(exe)
+        .args(&s.args)
+        .envs(s.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
-        // Its own process group: a terminal's Ctrl-C reaches only `up`, which then stops the
-        // engine before the replicas, so that the engine's last flush lands.
+        .stderr(log_file(dir, &s.name)?)
+        // Its own process group: a terminal's Ctrl-C reaches only `up`, which then stops
+        // everything in order.
         .process_group(0)
-        .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("start {} {}", exe.display(), args.join(" ")))
+        .with_context(|| format!("start {} {}", exe.display(), s.args.join(" ")))?;
+    tracing::info!(name = %s.name, pid = child.id(), "started");
+    s.child = Some(child);
+    Ok(())
 }
 
-async fn stop(child: &mut Child, what: &str) {
-    if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+async fn wait_port(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-        Ok(_) => tracing::info!("{what} stopped"),
+}
+
+/// Sends `sig` (if any) and waits up to `timeout` for the child to exit; kills it after.
+async fn stop(s: &mut Supervised, sig: Option<Signal>, timeout: Duration) {
+    let Some(mut child) = s.child.take() else {
+        return;
+    };
+    if let (Some(pid), Some(sig)) = (child.id(), sig) {
+        let _ = kill(Pid::from_raw(pid as i32), sig);
+    }
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(_) => tracing::info!(name = %s.name, "stopped"),
         Err(_) => {
-            tracing::warn!("{what} did not stop in 10 s; killing it");
+            tracing::warn!(name = %s.name, "did not stop in {timeout:?}; killing it");
             let _ = child.kill().await;
         }
     }
 }
 
-/// Cancels `shutdown` on SIGINT/SIGTERM. Later signals are only logged: `up` must still
-/// stop its children, which the orderly shutdown does (killing any that hang).
-fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            if shutdown.is_cancelled() {
-                tracing::warn!("already stopping: engine first, then replicas");
-            } else {
-                tracing::info!("stopping");
-                shutdown.cancel();
-            }
-        }
-    });
-    Ok(())
+/// Whether an agent's records (`STATE/instances.json`) still list an engine.
+fn agent_has_engines(state_dir: &Path) -> bool {
+    let Ok(b) = std::fs::read(state_dir.join("instances.json")) else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else {
+        return false;
+    };
+    v.as_object()
+        .is_some_and(|m| m.values().any(|r| r["kind"] == "engine"))
 }
 
 impl UpArgs {
     /// Runs the local cluster until Ctrl-C.
     pub async fn run(self) -> anyhow::Result<()> {
+        if self.nodes == 0 || self.nodes > 16 {
+            bail!("--nodes must be between 1 and 16");
+        }
+        if self.ports_per_node < 4 {
+            bail!("--ports-per-node must be at least 4");
+        }
+        let last_port =
+            u32::from(self.port_base) + u32::from(self.nodes) * u32::from(self.ports_per_node);
+        if self.port_base == 0 || last_port > 65535 {
+            bail!(
+                "--port-base and --ports-per-node leave no room for {} nodes",
+                self.nodes
+            );
+        }
+        let agent_listen = match self.agent_listen {
+            Some(a) => a,
+            None => SocketAddr::new(
+                self.api_listen.ip(),
+                self.api_listen
+                    .port()
+                    .checked_add(1)
+                    .context("--api-listen has no next port; give --agent-listen")?,
+            ),
+        };
         let exe = std::env::current_exe().context("cannot find the ironhorn executable")?;
-        let dir = &self.data_dir;
-        std::fs::create_dir_all(dir.join("logs"))
-            .with_context(|| format!("create {}", dir.display()))?;
-        let state_path = dir.join(STATE_FILE);
-        let state = match std::fs::read(&state_path) {
-            Ok(b) => {
-                let s: UpState = serde_json::from_slice(&b)
-                    .with_context(|| format!("bad state file {}", state_path.display()))?;
-                println!(
-                    "resuming volume {} ({} bytes, {} replicas)",
-                    s.volume, s.size, s.replicas
-                );
-                s
-            }
-            Err(_) => {
-                if self.replicas == 0 || self.replicas > 16 {
-                    bail!("--replicas must be between 1 and 16");
-                }
-                let s = UpState {
-                    volume: self.volume.clone(),
-                    size: self.size.bytes(),
-                    replicas: self.replicas,
-                };
-                std::fs::write(&state_path, serde_json::to_vec_pretty(&s)?)
-                    .with_context(|| format!("write {}", state_path.display()))?;
-                s
-            }
-        };
+        std::fs::create_dir_all(self.data_dir.join("logs"))
+            .with_context(|| format!("create {}", self.data_dir.display()))?;
+        let dir = std::path::absolute(&self.data_dir)?;
+        let manager_dir = dir.join("manager");
+        std::fs::create_dir_all(&manager_dir)?;
         let shutdown = CancellationToken::new();
-        watch_signals(shutdown.clone())?;
+        super::replica::spawn_signal_handler(shutdown.clone())?;
 
-        let mut replicas = Vec::new();
-        let mut addrs = Vec::new();
-        for i in 0..state.replicas {
-            let port = self.port_base + 10 + 10 * i as u16;
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let rdir = dir.join(format!("replica-{i}"));
-            let args = vec![
-                "replica".into(),
-                "serve".into(),
-                "--dir".into(),
-                rdir.display().to_string(),
-                "--size".into(),
-                state.size.to_string(),
-                "--listen".into(),
-                addr.to_string(),
-            ];
-            replicas.push(spawn(&exe, &args, log_file(dir, &format!("replica-{i}"))?)?);
-            addrs.push(addr);
-        }
-        for a in &addrs {
-            wait_port(*a, Duration::from_secs(20))
-                .await
-                .context("a replica did not come up; see the logs directory")?;
-        }
-        let control: SocketAddr = ([127, 0, 0, 1], self.port_base).into();
-        let sock = std::path::absolute(dir.join(format!("{}.sock", state.volume)))?;
-        let _ = std::fs::remove_file(&sock);
-        let mut args = vec![
-            "engine".into(),
-            "serve".into(),
-            "--volume".into(),
-            state.volume.clone(),
-            "--size".into(),
-            state.size.to_string(),
-            "--nbd".into(),
-            format!("tcp://127.0.0.1:{}", self.nbd_port),
-            "--nbd".into(),
-            format!("unix://{}", sock.display()),
+        let mut manager_args = vec![
+            "manager".to_owned(),
+            "--data-dir".into(),
+            manager_dir.display().to_string(),
             "--listen".into(),
-            control.to_string(),
+            self.api_listen.to_string(),
+            "--agent-listen".into(),
+            agent_listen.to_string(),
         ];
-        for a in &addrs {
-            args.push("--replica".into());
-            args.push(a.to_string());
+        if let Some(t) = self.node_down_timeout {
+            manager_args.push("--node-down-timeout".into());
+            manager_args.push(t.to_string());
         }
-        let mut engine = spawn(&exe, &args, log_file(dir, "engine")?)?;
-        if let Err(e) = wait_port(control, Duration::from_secs(30)).await {
-            for r in &mut replicas {
-                stop(r, "replica").await;
-            }
-            return Err(e.context("the engine did not come up; see logs/engine.log"));
+        let mut manager = Supervised {
+            name: "manager".into(),
+            args: manager_args,
+            env: vec![],
+            child: None,
+            restarts: 0,
+            next_start: None,
+        };
+        spawn(&exe, &dir, &mut manager)?;
+        if let Err(e) = wait_port(self.api_listen, Duration::from_secs(30)).await {
+            stop(&mut manager, Some(Signal::SIGTERM), Duration::from_secs(10)).await;
+            return Err(e.context("the manager did not come up; see logs/manager.log"));
         }
-        let uri = format!("nbd://127.0.0.1:{}/{}", self.nbd_port, state.volume);
-        let ctl = format!("{} engine ctl --engine {control}", exe.display());
-        println!(
-            "\nironhorn is up: volume {vol} ({size} bytes), {n} replicas under {dir}\n\n\
-             NBD export:   {uri}\n\
-             unix socket:  nbd+unix:///{vol}?socket={sock}\n\
-             engine:       {control} (logs in {dir}/logs)\n\n\
-             Try:\n  \
-               nbdinfo {uri}\n  \
-               qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'\n  \
-               {ctl} info\n  \
-               {ctl} snapshot create first\n\
-             A file system (this machine has no kernel nbd; nbdfuse + a loop device):\n  \
-               mkdir -p /tmp/ih && nbdfuse /tmp/ih/{vol} {uri} &\n  \
-               dev=$(losetup -f --show /tmp/ih/{vol}) && mkfs.ext4 -q $dev && mkdir -p /mnt/ih && mount $dev /mnt/ih\n\
-             Ctrl-C stops everything; `ironhorn up` again resumes the same volume.",
-            vol = state.volume,
-            size = state.size,
-            n = state.replicas,
-            dir = dir.display(),
-            sock = sock.display(),
-        );
-        let summary = json!({"volume": state.volume, "nbd": uri, "engine": control.to_string()});
-        tracing::info!(%summary, "up");
+        let token = std::fs::read_to_string(manager_dir.join("token"))
+            .map(|t| t.trim().to_owned())
+            .with_context(|| format!("read the API token in {}", manager_dir.display()))?;
 
-        // Heal: replicas the engine dropped, and which answer, are added back (rebuilt).
-        let heal = {
-            let shutdown = shutdown.clone();
-            let exe = exe.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
-                    let out = Command::new(&exe)
-                        .args([
-                            "engine",
-                            "ctl",
-                            "--engine",
-                            &control.to_string(),
-                            "--json",
-                            "info",
-                        ])
-                        .stderr(Stdio::null())
-                        .output()
-                        .await;
-                    let Ok(out) = out else { continue };
-                    let Ok(info) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-                        continue;
-                    };
-                    let replicas = info["replicas"].as_array().cloned().unwrap_or_default();
-                    for r in replicas {
-                        let (Some(addr), Some(mode)) = (r["address"].as_str(), r["mode"].as_str())
-                        else {
-                            continue;
-                        };
-                        let Ok(sa) = addr.parse::<SocketAddr>() else {
-                            continue;
-                        };
-                        if mode == "ERR" && tokio::net::TcpStream::connect(sa).await.is_ok() {
-                            tracing::info!(replica = addr, "re-adding a dropped replica");
-                            let _ = Command::new(&exe)
-                                .args([
-                                    "engine",
-                                    "ctl",
-                                    "--engine",
-                                    &control.to_string(),
-                                    "replica",
-                                    "add",
-                                    addr,
-                                ])
-                                .stdout(Stdio::null())
-                                .status()
-                                .await;
-                        }
+        let mut agents = Vec::new();
+        for i in 1..=self.nodes {
+            let node = format!("node-{i}");
+            let ndir = dir.join(&node);
+            let first = self.port_base + (i - 1) * self.ports_per_node;
+            let last = first + self.ports_per_node - 1;
+            agents.push(Supervised {
+                name: node.clone(),
+                args: vec![
+                    "agent".into(),
+                    "--node".into(),
+                    node.clone(),
+                    "--disk".into(),
+                    ndir.join("disk").display().to_string(),
+                    "--manager".into(),
+                    format!("http://{agent_listen}"),
+                    "--ports".into(),
+                    format!("{first}-{last}"),
+                    "--state-dir".into(),
+                    ndir.join("agent").display().to_string(),
+                    "--stop-instances-on-exit".into(),
+                ],
+                env: vec![("IRONHORN_TOKEN".into(), token.clone())],
+                child: None,
+                restarts: 0,
+                next_start: None,
+            });
+        }
+        for a in &mut agents {
+            spawn(&exe, &dir, a)?;
+        }
+        let url = format!("http://{}", self.api_listen);
+        let me = exe.display();
+        println!(
+            "\nironhorn is up: manager and {n} nodes (node-1..node-{n}) under {d}\n\n\
+             API and web UI: {url}\n\
+             token:          {token}\n\
+             logs:           {d}/logs\n\n\
+             Quick start (export IRONHORN_URL={url} IRONHORN_TOKEN={token}):\n  \
+               {me} volume create vol1 --size 1GiB --replicas 3\n  \
+               {me} volume attach vol1 --node node-1\n  \
+               nbdinfo \"$({me} volume get vol1 --json | jq -r .status.endpoint)\"\n\
+             Ctrl-C stops everything; `ironhorn up` again brings back the same volumes and data.",
+            n = self.nodes,
+            d = dir.display(),
+        );
+
+        // Supervise: restart children that die, with back-off.
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            for s in std::iter::once(&mut manager).chain(agents.iter_mut()) {
+                if let Some(c) = s.child.as_mut()
+                    && let Ok(Some(status)) = c.try_wait()
+                {
+                    s.restarts += 1;
+                    let delay = Duration::from_millis(500 * u64::from(s.restarts.min(20)));
+                    tracing::warn!(name = %s.name, %status, restart_in = ?delay, "exited; restarting it (see logs/{}.log)", s.name);
+                    s.child = None;
+                    s.next_start = Some(Instant::now() + delay);
+                }
+                if s.child.is_none() && s.next_start.is_some_and(|t| Instant::now() >= t) {
+                    s.next_start = None;
+                    if let Err(e) = spawn(&exe, &dir, s) {
+                        tracing::error!(name = %s.name, error = %e, "cannot restart");
+                        s.next_start = Some(Instant::now() + Duration::from_secs(5));
                     }
                 }
-            })
-        };
-
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            status = engine.wait() => {
-                tracing::error!(?status, "the engine exited; see logs/engine.log");
             }
         }
-        heal.abort();
-        stop(&mut engine, "engine").await;
-        for (i, r) in replicas.iter_mut().enumerate() {
-            stop(r, &format!("replica-{i}")).await;
+
+        // Engines first (drain), then replicas and agents, then the manager.
+        for a in &agents {
+            if let Some(p) = a.pid() {
+                let _ = kill(p, Signal::SIGUSR1);
+            }
         }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for i in 1..=self.nodes {
+            let state = dir.join(format!("node-{i}")).join("agent");
+            while agent_has_engines(&state) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // Together: each stops its replicas (their engines are gone already).
+        for a in &agents {
+            if let Some(p) = a.pid() {
+                let _ = kill(p, Signal::SIGTERM);
+            }
+        }
+        for a in &mut agents {
+            stop(a, None, Duration::from_secs(30)).await;
+        }
+        stop(&mut manager, Some(Signal::SIGTERM), Duration::from_secs(10)).await;
         println!("ironhorn stopped; data kept in {}", dir.display());
         Ok(())
     }

@@ -106,8 +106,8 @@ fn probe(path: &Path) -> Result<(), String> {
 
 /// (capacity, free for unprivileged users) of the file system holding `path`.
 fn space(path: &Path) -> Result<(u64, u64), String> {
-    let st = nix::sys::statvfs::statvfs(path)
-        .map_err(|e| format!("statvfs {}: {e}", path.display()))?;
+    let st =
+        nix::sys::statvfs::statvfs(path).map_err(|e| format!("statvfs {}: {e}", path.display()))?;
     let frag = st.fragment_size() as u64;
     Ok((
         (st.blocks() as u64).saturating_mul(frag),
@@ -171,7 +171,9 @@ mod tests {
         // A file where the directory should be.
         let f = t.path().join("file");
         std::fs::write(&f, b"x").unwrap();
-        let bad = DiskConfig::parse(&f.display().to_string()).unwrap().measure();
+        let bad = DiskConfig::parse(&f.display().to_string())
+            .unwrap()
+            .measure();
         assert!(!bad.healthy && !bad.message.is_empty());
     }
 

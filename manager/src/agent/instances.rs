@@ -131,7 +131,10 @@ impl SpecRecord {
         }
         match InstanceKind::try_from(s.kind) {
             Ok(InstanceKind::Replica) => {
-                let r = s.replica.as_ref().ok_or_else(|| bad("replica spec missing"))?;
+                let r = s
+                    .replica
+                    .as_ref()
+                    .ok_or_else(|| bad("replica spec missing"))?;
                 if r.dir.is_empty() || r.size == 0 {
                     return Err(bad("replica needs a directory and a size"));
                 }
@@ -144,7 +147,10 @@ impl SpecRecord {
                 ))
             }
             Ok(InstanceKind::Engine) => {
-                let e = s.engine.as_ref().ok_or_else(|| bad("engine spec missing"))?;
+                let e = s
+                    .engine
+                    .as_ref()
+                    .ok_or_else(|| bad("engine spec missing"))?;
                 if e.volume.is_empty() || e.size == 0 {
                     return Err(bad("engine needs a volume and a size"));
                 }
@@ -174,6 +180,9 @@ struct Instance {
     started: Option<Instant>,
     backoff: Duration,
     next_start: Option<Instant>,
+    /// Whether it ever listened: one that never did may move to other ports (another
+    /// process may have taken them between the check and the bind).
+    ever_running: bool,
 }
 
 /// Starts, watches, restarts and stops the instances of one node.
@@ -233,6 +242,7 @@ impl Supervisor {
                     started: alive.then(Instant::now),
                     backoff: MIN_BACKOFF,
                     next_start: None,
+                    ever_running: alive,
                 },
             );
         }
@@ -307,6 +317,7 @@ impl Supervisor {
                 .await;
                 if matches!(connect, Ok(Ok(_))) {
                     info!(instance = %name, address = %addr, "instance running");
+                    inst.ever_running = true;
                     inst.state = InstanceState::Running;
                     inst.message.clear();
                 }
@@ -380,6 +391,7 @@ impl Supervisor {
                             started: None,
                             backoff: MIN_BACKOFF,
                             next_start: None,
+                            ever_running: false,
                         },
                     );
                 }
@@ -405,9 +417,17 @@ impl Supervisor {
         for name in names {
             changed = true;
             let cfg = self.cfg.clone();
+            let moved = match self.instances.get(&name) {
+                Some(i) if !i.ever_running && i.restarts > 0 => self.alloc_ports().ok(),
+                _ => None,
+            };
             let Some(inst) = self.instances.get_mut(&name) else {
                 continue;
             };
+            if let Some(port) = moved {
+                info!(instance = %name, from = inst.rec.port, to = port, "never came up; trying other ports");
+                inst.rec.port = port;
+            }
             match start(&cfg, &name, &inst.rec) {
                 Ok(child) => {
                     if inst.started.is_none() && inst.message != "not started yet" {
@@ -478,9 +498,11 @@ impl Supervisor {
             .iter()
             .map(|(name, i)| self.report(name, &i.rec, i.state, &i.message, i.restarts))
             .collect();
-        out.extend(self.stopping.iter().map(|(name, (rec, _))| {
-            self.report(name, rec, InstanceState::Stopping, "", 0)
-        }));
+        out.extend(
+            self.stopping
+                .iter()
+                .map(|(name, (rec, _))| self.report(name, rec, InstanceState::Stopping, "", 0)),
+        );
         out
     }
 

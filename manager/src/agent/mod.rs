@@ -175,7 +175,10 @@ fn apply(cfg: &AgentConfig, sup: &mut Supervisor, desired: &NodeDesired) {
     for dir in &desired.remove_dirs {
         let path = std::path::Path::new(dir);
         if !disks::is_replica_dir(&cfg.disks, path) {
-            warn!(dir, "refusing to remove a directory outside the disks' replicas directories");
+            warn!(
+                dir,
+                "refusing to remove a directory outside the disks' replicas directories"
+            );
             continue;
         }
         if in_use.iter().any(|d| d == path) || !path.exists() {

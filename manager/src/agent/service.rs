@@ -8,14 +8,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ironhorn_proto::agent::agent_manager_server::{AgentManager, AgentManagerServer};
-use ironhorn_proto::agent::{
-    self as pb, InstanceKind, InstanceSpec, NodeDesired, NodeReport,
-};
+use ironhorn_proto::agent::{self as pb, InstanceKind, InstanceSpec, NodeDesired, NodeReport};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::controllers::Liveness;
 use crate::controllers::patch::{patch_spec, patch_status};
@@ -38,7 +36,8 @@ pub struct AgentService {
     token: Option<String>,
     report_interval: Duration,
     /// Engines waiting for their replicas, since when.
-    waiting: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+    waiting:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
 }
 
 impl AgentService {
@@ -59,7 +58,8 @@ impl AgentService {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .add_service(AgentManagerServer::new(self))
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
@@ -82,7 +82,11 @@ impl AgentService {
         }
     }
 
-    async fn handle(&self, r: NodeReport, peer: Option<SocketAddr>) -> Result<NodeDesired, StoreError> {
+    async fn handle(
+        &self,
+        r: NodeReport,
+        peer: Option<SocketAddr>,
+    ) -> Result<NodeDesired, StoreError> {
         self.liveness.reported(&r);
         let node = self.register(&r, peer).await?;
         let all_replicas = self.store.list::<Replica>().await?;
@@ -142,13 +146,21 @@ impl AgentService {
                     }
                     st.state = new_state;
                     st.control_address = Some(i.address.clone());
-                    st.endpoint = i.frontends.iter().find(|f| f.starts_with("nbd://")).cloned();
+                    st.endpoint = i
+                        .frontends
+                        .iter()
+                        .find(|f| f.starts_with("nbd://"))
+                        .cloned();
                     st.socket = i
                         .frontends
                         .iter()
                         .find_map(|f| f.split_once("?socket=").map(|(_, p)| p.to_owned()));
                     let cond = if i.message.is_empty() {
-                        (ConditionStatus::True, "Running", "the engine serves".to_owned())
+                        (
+                            ConditionStatus::True,
+                            "Running",
+                            "the engine serves".to_owned(),
+                        )
                     } else {
                         (ConditionStatus::False, "ProcessFailed", i.message.clone())
                     };
@@ -173,7 +185,9 @@ impl AgentService {
         }
         let mut instances = Vec::new();
         for x in &replicas {
-            if x.spec.desired_state == DesiredState::Running && x.metadata.deletion_timestamp.is_none() {
+            if x.spec.desired_state == DesiredState::Running
+                && x.metadata.deletion_timestamp.is_none()
+            {
                 instances.push(InstanceSpec {
                     name: x.name_any(),
                     kind: InstanceKind::Replica as i32,
@@ -236,12 +250,17 @@ impl AgentService {
                 .find(|x| x.name_any() == name)
                 .and_then(|x| self.liveness.last_report(&x.spec.node_id))
                 .is_some_and(|rep| {
-                    rep.instances.iter().any(|i| {
-                        i.name == name && i.state == pb::InstanceState::Running as i32
-                    })
+                    rep.instances
+                        .iter()
+                        .any(|i| i.name == name && i.state == pb::InstanceState::Running as i32)
                 })
         };
-        let up = e.spec.replica_addresses.keys().filter(|n| running(n)).count();
+        let up = e
+            .spec
+            .replica_addresses
+            .keys()
+            .filter(|n| running(n))
+            .count();
         if up == e.spec.replica_addresses.len() {
             return true;
         }
@@ -256,7 +275,11 @@ impl AgentService {
 
     /// Creates the Node on its first report, adds new disks, records disk status and the
     /// heartbeat. Returns the node as it was before this report (none when new).
-    async fn register(&self, r: &NodeReport, peer: Option<SocketAddr>) -> Result<Option<Node>, StoreError> {
+    async fn register(
+        &self,
+        r: &NodeReport,
+        peer: Option<SocketAddr>,
+    ) -> Result<Option<Node>, StoreError> {
         let before = self.store.get::<Node>(&r.node).await?;
         let node = match &before {
             Some(n) => {
@@ -267,7 +290,10 @@ impl AgentService {
                     .collect();
                 if !missing.is_empty() || (n.spec.zone.is_empty() && !r.zone.is_empty()) {
                     let zone = r.zone.clone();
-                    let add: Vec<(String, DiskSpec)> = missing.iter().map(|d| (disk_name(&d.path), disk_spec(d))).collect();
+                    let add: Vec<(String, DiskSpec)> = missing
+                        .iter()
+                        .map(|d| (disk_name(&d.path), disk_spec(d)))
+                        .collect();
                     patch_spec::<Node, _>(&self.store, &r.node, move |o| {
                         for (k, v) in &add {
                             o.spec.disks.entry(k.clone()).or_insert_with(|| v.clone());
@@ -288,7 +314,11 @@ impl AgentService {
                     allow_scheduling: true,
                     tags: Vec::new(),
                     zone: r.zone.clone(),
-                    disks: r.disks.iter().map(|d| (disk_name(&d.path), disk_spec(d))).collect(),
+                    disks: r
+                        .disks
+                        .iter()
+                        .map(|d| (disk_name(&d.path), disk_spec(d)))
+                        .collect(),
                     eviction_requested: false,
                 };
                 self.store.create(&Node::new(&r.node, spec)).await?
@@ -301,14 +331,21 @@ impl AgentService {
             st.agent_address = p.ip().to_string();
         }
         for (name, spec) in &node.spec.disks {
-            let d = st.disks.entry(name.clone()).or_insert_with(DiskStatus::default);
+            let d = st
+                .disks
+                .entry(name.clone())
+                .or_insert_with(DiskStatus::default);
             match r.disks.iter().find(|x| x.path == spec.path) {
                 Some(x) => {
                     d.storage_maximum = x.capacity_bytes;
                     d.storage_available = x.free_bytes;
                     d.healthy = x.healthy;
                     let (s, reason, msg) = if x.healthy {
-                        (ConditionStatus::True, "DiskReady", "the agent reads and writes the disk".to_owned())
+                        (
+                            ConditionStatus::True,
+                            "DiskReady",
+                            "the agent reads and writes the disk".to_owned(),
+                        )
                     } else {
                         (ConditionStatus::False, "DiskUnhealthy", x.message.clone())
                     };
@@ -326,7 +363,13 @@ impl AgentService {
                 }
             }
         }
-        set_condition(&mut st.conditions, "Ready", ConditionStatus::True, "AgentReporting", "the node's agent reports");
+        set_condition(
+            &mut st.conditions,
+            "Ready",
+            ConditionStatus::True,
+            "AgentReporting",
+            "the node's agent reports",
+        );
         let heartbeat_due = old.last_heartbeat.as_ref().is_none_or(|t| {
             jiff::Timestamp::now().as_millisecond() - t.0.as_millisecond()
                 >= HEARTBEAT_WRITE_PERIOD.as_millis() as i64
@@ -427,7 +470,10 @@ impl AgentManager for AgentService {
         let peer = req.remote_addr();
         let r = req.into_inner();
         if r.node.is_empty()
-            || !r.node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            || !r
+                .node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
         {
             return Err(Status::invalid_argument(format!(
                 "bad node name {:?}: use letters, digits, '-' and '.'",

@@ -39,7 +39,11 @@ pub struct Engines {
 }
 
 impl Engines {
-    fn client(&self, address: &str, timeout: Duration) -> Result<EngineControlClient<Channel>, EngineCallError> {
+    fn client(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<EngineControlClient<Channel>, EngineCallError> {
         let mut g = self.channels.lock().map_err(|_| EngineCallError {
             address: address.to_owned(),
             call: "connect",
@@ -110,20 +114,37 @@ impl Engines {
     }
 
     /// Adds a replica (rebuilt online). Returns when the rebuild started.
-    pub async fn add_replica(&self, address: &str, replica: &str) -> Result<EngineInfo, EngineCallError> {
+    pub async fn add_replica(
+        &self,
+        address: &str,
+        replica: &str,
+    ) -> Result<EngineInfo, EngineCallError> {
         let replica = replica.to_owned();
-        self.call(address, "add replica", SLOW_CALL_TIMEOUT, |mut c| async move {
-            c.add_replica(AddReplicaRequest { address: replica }).await
-        })
+        self.call(
+            address,
+            "add replica",
+            SLOW_CALL_TIMEOUT,
+            |mut c| async move { c.add_replica(AddReplicaRequest { address: replica }).await },
+        )
         .await
     }
 
     /// Removes a replica from the engine.
-    pub async fn remove_replica(&self, address: &str, replica: &str) -> Result<EngineInfo, EngineCallError> {
+    pub async fn remove_replica(
+        &self,
+        address: &str,
+        replica: &str,
+    ) -> Result<EngineInfo, EngineCallError> {
         let replica = replica.to_owned();
-        self.call(address, "remove replica", CALL_TIMEOUT, |mut c| async move {
-            c.remove_replica(RemoveReplicaRequest { address: replica }).await
-        })
+        self.call(
+            address,
+            "remove replica",
+            CALL_TIMEOUT,
+            |mut c| async move {
+                c.remove_replica(RemoveReplicaRequest { address: replica })
+                    .await
+            },
+        )
         .await
     }
 
@@ -135,31 +156,42 @@ impl Engines {
         labels: std::collections::BTreeMap<String, String>,
     ) -> Result<String, EngineCallError> {
         let name = name.to_owned();
-        self.call(address, "create snapshot", SLOW_CALL_TIMEOUT, |mut c| async move {
-            c.create_snapshot(SnapshotCreateRequest {
-                name,
-                labels: labels.into_iter().collect(),
-            })
-            .await
-        })
+        self.call(
+            address,
+            "create snapshot",
+            SLOW_CALL_TIMEOUT,
+            |mut c| async move {
+                c.create_snapshot(SnapshotCreateRequest {
+                    name,
+                    labels: labels.into_iter().collect(),
+                })
+                .await
+            },
+        )
         .await
         .map(|r| r.name)
     }
 
     /// Lists snapshots.
     pub async fn snapshots(&self, address: &str) -> Result<SnapshotListResponse, EngineCallError> {
-        self.call(address, "list snapshots", CALL_TIMEOUT, |mut c| async move {
-            c.list_snapshots(SnapshotListRequest {}).await
-        })
+        self.call(
+            address,
+            "list snapshots",
+            CALL_TIMEOUT,
+            |mut c| async move { c.list_snapshots(SnapshotListRequest {}).await },
+        )
         .await
     }
 
     /// Removes (purges) a snapshot.
     pub async fn remove_snapshot(&self, address: &str, name: &str) -> Result<(), EngineCallError> {
         let name = name.to_owned();
-        self.call(address, "remove snapshot", SLOW_CALL_TIMEOUT, |mut c| async move {
-            c.remove_snapshot(SnapshotRemoveRequest { name }).await
-        })
+        self.call(
+            address,
+            "remove snapshot",
+            SLOW_CALL_TIMEOUT,
+            |mut c| async move { c.remove_snapshot(SnapshotRemoveRequest { name }).await },
+        )
         .await
         .map(|_| ())
     }

@@ -61,8 +61,6 @@ impl Liveness {
 
     /// Whether a report came from the node since the manager started.
     pub fn has_reported(&self, node: &str) -> bool {
-        self.inner
-            .lock()
-            .is_ok_and(|g| g.last.contains_key(node))
+        self.inner.lock().is_ok_and(|g| g.last.contains_key(node))
     }
 }

@@ -38,7 +38,13 @@ impl Controller for NodeController {
                         t.schedulable = d.schedulable;
                         for c in &d.conditions {
                             if c.type_ == "Schedulable" {
-                                set_condition(&mut t.conditions, &c.type_, c.status, &c.reason, &c.message);
+                                set_condition(
+                                    &mut t.conditions,
+                                    &c.type_,
+                                    c.status,
+                                    &c.reason,
+                                    &c.message,
+                                );
                             }
                         }
                     }
@@ -97,11 +103,23 @@ fn desired_status(
         d.scheduled_replicas = scheduled;
         d.schedulable = d.healthy && spec.allow_scheduling && node.spec.allow_scheduling;
         let (s, reason, msg) = if d.schedulable {
-            (ConditionStatus::True, "Schedulable", "new replicas may go here".to_owned())
+            (
+                ConditionStatus::True,
+                "Schedulable",
+                "new replicas may go here".to_owned(),
+            )
         } else if !d.healthy {
-            (ConditionStatus::False, "DiskUnhealthy", "the agent cannot use the disk".to_owned())
+            (
+                ConditionStatus::False,
+                "DiskUnhealthy",
+                "the agent cannot use the disk".to_owned(),
+            )
         } else {
-            (ConditionStatus::False, "SchedulingDisabled", "scheduling is disabled on the node or disk".to_owned())
+            (
+                ConditionStatus::False,
+                "SchedulingDisabled",
+                "scheduling is disabled on the node or disk".to_owned(),
+            )
         };
         set_condition(&mut d.conditions, "Schedulable", s, reason, &msg);
     }

@@ -24,7 +24,11 @@ where
 }
 
 /// Applies `f` to the newest status of `name`; `None` when it does not exist.
-pub async fn patch_status<K, F>(store: &Store, name: &str, mut f: F) -> Result<Option<K>, StoreError>
+pub async fn patch_status<K, F>(
+    store: &Store,
+    name: &str,
+    mut f: F,
+) -> Result<Option<K>, StoreError>
 where
     K: Object,
     F: FnMut(&mut K) + Send,

@@ -15,7 +15,10 @@ use super::engine_client::EngineCallError;
 /// Deadline of one replica call (purge merges data).
 pub const REPLICA_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn client(address: &str, call: &'static str) -> Result<ReplicaControlClient<tonic::transport::Channel>, EngineCallError> {
+async fn client(
+    address: &str,
+    call: &'static str,
+) -> Result<ReplicaControlClient<tonic::transport::Channel>, EngineCallError> {
     let err = |code, message: String| EngineCallError {
         address: address.to_owned(),
         call,

@@ -92,17 +92,24 @@ impl Controller for SnapshotController {
                         // replica in turn gives the same snapshot everywhere.
                         let mut errors = Vec::new();
                         for a in &targets {
-                            match super::replica_client::snapshot(a, &name, s.spec.labels.clone()).await {
+                            match super::replica_client::snapshot(a, &name, s.spec.labels.clone())
+                                .await
+                            {
                                 Ok(()) => {}
                                 Err(e) if e.code == tonic::Code::AlreadyExists => {}
                                 Err(e) => errors.push(e.to_string()),
                             }
                         }
                         if errors.is_empty() {
-                            ctx.store.add_finalizer::<Snapshot>(&name, FINALIZER).await?;
+                            ctx.store
+                                .add_finalizer::<Snapshot>(&name, FINALIZER)
+                                .await?;
                             st.ready_to_use = true;
                             st.error = None;
-                            st.creation_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+                            st.creation_time =
+                                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                                    jiff::Timestamp::now(),
+                                ));
                             set_condition(
                                 &mut st.conditions,
                                 "Ready",
@@ -142,7 +149,11 @@ impl Controller for SnapshotController {
                         })
                         .await?;
                     }
-                    match ctx.engines.create_snapshot(a, &name, s.spec.labels.clone()).await {
+                    match ctx
+                        .engines
+                        .create_snapshot(a, &name, s.spec.labels.clone())
+                        .await
+                    {
                         Ok(_) => {}
                         // Taken already (a pass that died before recording it).
                         Err(e) if e.code == tonic::Code::AlreadyExists => {}

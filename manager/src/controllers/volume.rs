@@ -76,7 +76,9 @@ impl Controller for VolumeController {
                 continue;
             }
             if !v.finalizers().iter().any(|f| f == FINALIZER) {
-                ctx.store.add_finalizer::<Volume>(&v.name_any(), FINALIZER).await?;
+                ctx.store
+                    .add_finalizer::<Volume>(&v.name_any(), FINALIZER)
+                    .await?;
             }
             if let Err(e) = reconcile_volume(ctx, world, v, &mut placed).await {
                 warn!(volume = %v.name_any(), error = %e, "volume reconcile failed");
@@ -98,7 +100,10 @@ pub const FINALIZER: &str = "ironhorn.io/volume";
 /// volume.
 async fn delete_volume(ctx: &Context, world: &World, v: &Volume) -> Result<(), ControllerError> {
     let name = v.name_any();
-    if v.status.as_ref().is_none_or(|s| s.state != VolumeState::Deleting) {
+    if v.status
+        .as_ref()
+        .is_none_or(|s| s.state != VolumeState::Deleting)
+    {
         info!(volume = %name, "deleting the volume's engine and replicas");
         patch_status::<Volume, _>(&ctx.store, &name, |o| {
             let s = o.status.get_or_insert_with(Default::default);
@@ -121,7 +126,9 @@ async fn delete_volume(ctx: &Context, world: &World, v: &Volume) -> Result<(), C
         .filter_map(|n| ctx.liveness.last_report(&n.name_any()))
         .any(|rep| rep.instances.iter().any(|i| i.name == ename));
     if !engine_runs {
-        ctx.store.remove_finalizer::<Volume>(&name, FINALIZER).await?;
+        ctx.store
+            .remove_finalizer::<Volume>(&name, FINALIZER)
+            .await?;
         info!(volume = %name, "volume deleted");
     }
     Ok(())
@@ -217,7 +224,12 @@ async fn reconcile_volume(
                 (Some(n), Some(mode)) => {
                     modes.insert(
                         n.clone(),
-                        (mode, m.rebuild_done_bytes, m.rebuild_total_bytes, m.message.clone()),
+                        (
+                            mode,
+                            m.rebuild_done_bytes,
+                            m.rebuild_total_bytes,
+                            m.message.clone(),
+                        ),
                     );
                 }
                 (None, _) => strangers.push(m.address.clone()),
@@ -275,7 +287,8 @@ async fn reconcile_volume(
                         .is_none_or(|d| d.healthy)
             });
             let not_back = running_address(r).is_none()
-                && age_secs(failed_at) as u64 >= world.settings.replica_replenishment_wait.as_secs();
+                && age_secs(failed_at) as u64
+                    >= world.settings.replica_replenishment_wait.as_secs();
             let gone = world.node_gone(&ctx.liveness, &r.spec.node_id);
             if gone || !disk_ok || not_back {
                 let why = if gone {
@@ -286,8 +299,10 @@ async fn reconcile_volume(
                     "its process did not come back"
                 };
                 info!(volume = %name, replica = %r.name_any(), why, "replacing a failed replica");
-                if let (Some(ea), Some(ra)) = (&engine_addr, r.status.as_ref().and_then(|s| s.control_address.as_deref()))
-                    && modes.contains_key(&r.name_any())
+                if let (Some(ea), Some(ra)) = (
+                    &engine_addr,
+                    r.status.as_ref().and_then(|s| s.control_address.as_deref()),
+                ) && modes.contains_key(&r.name_any())
                     && let Err(e) = ctx.engines.remove_replica(ea, ra).await
                 {
                     debug!(error = %e, "remove the replaced replica from the engine");
@@ -358,17 +373,16 @@ async fn reconcile_volume(
             "Scheduled",
             ConditionStatus::False,
             "ReplicaSchedulingFailure",
-            &format!(
-                "{} of {want} replica(s) placed; {reason}",
-                replicas.len()
-            ),
+            &format!("{} of {want} replica(s) placed; {reason}", replicas.len()),
         ),
     };
     if replicas.len() > want {
         // Worst first: failed, then not RW, then the newest.
         let mut order: Vec<&Replica> = replicas.iter().collect();
         order.sort_by_key(|r| {
-            let rw = modes.get(&r.name_any()).is_some_and(|m| m.0 == ReplicaMode::RW);
+            let rw = modes
+                .get(&r.name_any())
+                .is_some_and(|m| m.0 == ReplicaMode::RW);
             (
                 r.spec.failed_at.is_none(),
                 rw,
@@ -380,7 +394,9 @@ async fn reconcile_volume(
         let extra = replicas.len() - want;
         let mut gone = BTreeSet::new();
         for r in order.into_iter().take(extra) {
-            let rw = modes.get(&r.name_any()).is_some_and(|m| m.0 == ReplicaMode::RW);
+            let rw = modes
+                .get(&r.name_any())
+                .is_some_and(|m| m.0 == ReplicaMode::RW);
             if rw && rw_left <= 1 {
                 break;
             }
@@ -427,9 +443,7 @@ async fn reconcile_volume(
                 .any(|rep| rep.instances.iter().any(|i| i.name == ename));
             st.state = if still {
                 VolumeState::Detaching
-            } else if replicas.is_empty()
-                || replicas.iter().all(|r| running_address(r).is_none())
-            {
+            } else if replicas.is_empty() || replicas.iter().all(|r| running_address(r).is_none()) {
                 if st.state == VolumeState::Creating {
                     VolumeState::Creating
                 } else {
@@ -494,8 +508,19 @@ async fn reconcile_volume(
                     "EngineRunning",
                     &format!("engine running on {node}"),
                 );
-            } else if st.state != VolumeState::Attached {
-                st.state = VolumeState::Attaching;
+            } else {
+                // Not serving now: the agent of its node reports it not running (after a
+                // whole-cluster restart, say), or it was never attached.
+                let reported_down = ctx.liveness.last_report(node).is_some_and(|rep| {
+                    !rep.instances.iter().any(|i| {
+                        i.name == e.name_any()
+                            && i.state == ironhorn_proto::agent::InstanceState::Running as i32
+                    })
+                });
+                if st.state != VolumeState::Attached || reported_down {
+                    st.state = VolumeState::Attaching;
+                    st.robustness = Robustness::Unknown;
+                }
             }
         }
     }
@@ -566,7 +591,8 @@ async fn reconcile_volume(
                         "RevertFailed",
                         &err.to_string(),
                     );
-                    if err.code == tonic::Code::NotFound || err.code == tonic::Code::InvalidArgument {
+                    if err.code == tonic::Code::NotFound || err.code == tonic::Code::InvalidArgument
+                    {
                         revert_done = true;
                     }
                 }
@@ -602,7 +628,11 @@ async fn reconcile_volume(
         }
         let rw: BTreeMap<String, String> = replicas
             .iter()
-            .filter(|r| modes.get(&r.name_any()).is_some_and(|m| m.0 == ReplicaMode::RW))
+            .filter(|r| {
+                modes
+                    .get(&r.name_any())
+                    .is_some_and(|m| m.0 == ReplicaMode::RW)
+            })
             .filter_map(|r| Some((r.name_any(), running_address(r)?.to_owned())))
             .collect();
         if !rw.is_empty() && rw != e.spec.replica_addresses {
@@ -674,7 +704,13 @@ async fn reconcile_volume(
                     .map(|(r, e)| format!("{r}: {e}"))
                     .collect::<Vec<_>>()
                     .join("; ");
-                set_condition(&mut st.conditions, "Reverted", ConditionStatus::False, "RevertFailed", &msg);
+                set_condition(
+                    &mut st.conditions,
+                    "Reverted",
+                    ConditionStatus::False,
+                    "RevertFailed",
+                    &msg,
+                );
             }
         }
     }
