@@ -2,8 +2,8 @@
 
 use clap::{Args, Subcommand};
 use ironhorn_manager::client::UpdateNode;
-use ironhorn_manager::resources::{ConditionStatus, Node, get_condition};
 use ironhorn_manager::resources::Object;
+use ironhorn_manager::resources::{ConditionStatus, Node, get_condition};
 
 use super::volume::{ClientArgs, Table};
 use crate::size::ByteSize;

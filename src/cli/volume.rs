@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ironhorn_manager::client::{Client, CreateBackup, CreateSnapshot, CreateVolume, RestoreBackup};
-use ironhorn_manager::resources::Volume;
 use ironhorn_manager::resources::Object;
+use ironhorn_manager::resources::Volume;
 use serde::Serialize;
 
 use crate::size::ByteSize;

@@ -257,7 +257,11 @@ impl Store {
 
     /// Replaces the status of an object read earlier; [`StoreError::Conflict`] if it changed.
     pub async fn update_status<K: Object>(&self, object: &K) -> Result<K> {
-        from_json(self.backend.update_status(K::KIND, to_json(object)?).await?)
+        from_json(
+            self.backend
+                .update_status(K::KIND, to_json(object)?)
+                .await?,
+        )
     }
 
     /// Deletes an object: gone at once (`Ok(None)`) without finalizers, else marked with a
