@@ -147,8 +147,17 @@ step('dashboard shows the nodes and their capacity', async () => {
 
 step('create a volume', async () => {
   await goto('#/volumes');
-  await page.click('#create-volume');
+  // Keyboard: Tab from the filter reaches the button, Enter opens the dialog, Escape closes it.
+  await page.focus('input[type=search]');
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement?.id), 'create-volume');
+  await page.keyboard.press('Enter');
   const dlg = page.locator('dialog[open]');
+  await dlg.waitFor();
+  assert.equal(await page.evaluate(() => document.activeElement?.getAttribute('name')), 'name', 'the first field has the focus');
+  await page.keyboard.press('Escape');
+  await dlg.waitFor({ state: 'detached' });
+  await page.click('#create-volume');
   await dlg.locator('input[name=name]').fill('Bad_Name');
   await dlg.locator('button[type=submit]').click();
   // Checked as typed: the dialog stays open with the reason.
