@@ -131,17 +131,17 @@ pub const CATALOG: &[SettingDefinition] = &[
         86_400,
         "Seconds without an agent report after which a node is down and its replicas are marked failed and replaced.",
     ),
-    boolean(
-        REPLICA_SOFT_ANTI_AFFINITY,
-        "false",
-        "Allow replicas of one volume on the same node when no other node fits (hard anti-affinity when false).",
-    ),
     int(
         REPLICA_REPLENISHMENT_WAIT_INTERVAL,
         "60",
         0,
         86_400,
         "Seconds to wait for a failed replica to come back before a new one replaces it.",
+    ),
+    boolean(
+        REPLICA_SOFT_ANTI_AFFINITY,
+        "false",
+        "Allow replicas of one volume on the same node when no other node fits (hard anti-affinity when false).",
     ),
     boolean(
         REPLICA_ZONE_SOFT_ANTI_AFFINITY,
