@@ -329,7 +329,8 @@ step('back up to S3 (moto) and restore into a new volume', async (t) => {
   await page.waitForSelector(`tr[data-key="${RESTORED}"]`);
   await api.until(`${RESTORED} restored`, async () => {
     const v = await volume(RESTORED);
-    return v.status?.state === 'detached' && (v.status.conditions ?? []).some((c) => c.type === 'Restored' && c.status === 'True') && v;
+    const restored = (v.status?.conditions ?? []).some((c) => c.type === 'Restored' && c.status === 'True') || v.status?.restoreProgress === 100;
+    return v.status?.state === 'detached' && restored && v;
   }, 180000);
   // The restored data is the data written: attach and read it back.
   await page.click(`tr[data-key="${RESTORED}"] button[aria-label="Attach ${RESTORED}"]`);

@@ -46,6 +46,11 @@ export function recentEvents() {
   return recent;
 }
 
+/** Whether the stream has just (re)connected and may still be replaying what exists. */
+export function replaying() {
+  return streamState === 'live' && Date.now() - openedAt < REPLAY_MS;
+}
+
 /** 'offline' | 'connecting' | 'live' | 'error' */
 export function state() {
   return streamState;
@@ -170,6 +175,7 @@ export function start() {
       openedAt = Date.now();
       for (const m of data.values()) m.clear();
       setState('live');
+      setTimeout(changed, REPLAY_MS + 50); // pages that waited for the replay redraw
     },
     onEvent: (ev) => applyEvent(ev),
     onClose: (err) => {

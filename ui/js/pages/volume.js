@@ -52,7 +52,7 @@ export function mount(main, name) {
     const v = store.one('Volume', name);
     if (!v) {
       fill(badges, badge('unknown'));
-      fill(details, h('dt', null, 'Volume'), h('dd', null, store.state() === 'live' ? 'not found (deleted?)' : 'loading…'));
+      fill(details, h('dt', null, 'Volume'), h('dd', null, store.state() === 'live' && !store.replaying() ? 'not found (deleted?)' : 'loading…'));
       fill(actions);
       return;
     }
