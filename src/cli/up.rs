@@ -47,11 +47,6 @@ pub struct UpArgs {
     /// Ports each node's engines and replicas may use (two per process).
     #[arg(long, default_value_t = 60)]
     ports_per_node: u16,
-
-    /// Seconds a silent node waits before its replicas are replaced (the
-    /// `node-down-timeout` setting is set to this on a new cluster when given).
-    #[arg(long)]
-    node_down_timeout: Option<u64>,
 }
 
 /// A child `up` runs and restarts.
@@ -178,7 +173,7 @@ impl UpArgs {
         let shutdown = CancellationToken::new();
         super::replica::spawn_signal_handler(shutdown.clone())?;
 
-        let mut manager_args = vec![
+        let manager_args = vec![
             "manager".to_owned(),
             "--data-dir".into(),
             manager_dir.display().to_string(),
@@ -187,10 +182,6 @@ impl UpArgs {
             "--agent-listen".into(),
             agent_listen.to_string(),
         ];
-        if let Some(t) = self.node_down_timeout {
-            manager_args.push("--node-down-timeout".into());
-            manager_args.push(t.to_string());
-        }
         let mut manager = Supervised {
             name: "manager".into(),
             args: manager_args,
@@ -242,14 +233,15 @@ impl UpArgs {
         let url = format!("http://{}", self.api_listen);
         let me = exe.display();
         println!(
-            "\nironhorn is up: manager and {n} nodes (node-1..node-{n}) under {d}\n\n\
+            "\nironhorn is up: the manager and {n} nodes (node-1..node-{n}) under {d}\n\n\
              API and web UI: {url}\n\
              token:          {token}\n\
-             logs:           {d}/logs\n\n\
-             Quick start (export IRONHORN_URL={url} IRONHORN_TOKEN={token}):\n  \
+             logs:           {d}/logs (engines and replicas: {d}/node-N/agent/logs)\n\n\
+             Quick start, in another shell (export IRONHORN_MANAGER={url} IRONHORN_TOKEN={token}):\n  \
                {me} volume create vol1 --size 1GiB --replicas 3\n  \
                {me} volume attach vol1 --node node-1\n  \
-               nbdinfo \"$({me} volume get vol1 --json | jq -r .status.endpoint)\"\n\
+               nbdinfo $({me} volume get vol1 --json | grep -o 'nbd://[^\"]*')\n\
+             (a file system: nbdfuse DIR/vol1 THAT-URL &, then losetup, mkfs, mount.)\n\
              Ctrl-C stops everything; `ironhorn up` again brings back the same volumes and data.",
             n = self.nodes,
             d = dir.display(),
