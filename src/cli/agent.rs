@@ -26,7 +26,7 @@ pub struct AgentArgs {
     /// gRPC URL of the manager's agent service.
     #[arg(
         long,
-        env = "IRONHORN_MANAGER",
+        env = "IRONHORN_AGENT_MANAGER",
         default_value = "http://127.0.0.1:9501"
     )]
     manager: String,
