@@ -28,6 +28,7 @@ let browser;
 let page;
 let api;
 let dataFile;
+const requests = [];
 let headFile;
 
 let failed = null;
@@ -95,6 +96,7 @@ before(async () => {
   browser = await launch({ width: 1280, height: 900 });
   page = browser.page;
   page.setDefaultTimeout(30000);
+  page.on('request', (r) => requests.push({ method: r.method(), url: r.url() }));
 });
 
 after(async () => {
@@ -417,5 +419,12 @@ step('detach, then delete a volume after a confirmation that names it', async ()
   await dlg.waitFor({ state: 'detached' });
   await page.waitForSelector(`tr[data-key="${VOL}"]`, { state: 'detached', timeout: 120000 });
   await assert.rejects(volume(VOL), /404/);
+  // Everything the page loaded or called came from the manager itself.
+  const elsewhere = requests.filter((r) => !r.url.startsWith(cluster.url) && !r.url.startsWith('data:'));
+  assert.deepEqual(elsewhere, [], 'no request left the manager');
+  assert.ok(requests.some((r) => r.url.includes('/v1/events')), 'the page followed the event stream');
+  // Live by the stream, not by polling: a handful of reads in the whole run.
+  const reads = requests.filter((r) => r.method === 'GET' && r.url.includes('/v1/') && !r.url.includes('/v1/events'));
+  assert.ok(reads.length <= 10, `the page polled: ${reads.length} GETs: ${reads.map((r) => r.url).join(' ')}`);
   assert.equal(browser.consoleErrors.filter((e) => !/Failed to load resource/.test(e)).length, 0, browser.consoleErrors.join('\n'));
 });
