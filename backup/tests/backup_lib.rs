@@ -157,7 +157,8 @@ async fn incremental_round_trip_s3() {
 }
 
 /// A flipped byte in a stored block: verify names it, restore fails and aborts.
-async fn corruption(t: &Target, block_path: impl Fn(&BlockHash) -> Box<dyn FnOnce()>) {
+/// `raw` is a second, independent handle on the same objects (the test's "attacker").
+async fn corruption(t: &Target, raw: &dyn object_store::ObjectStore) {
     let data = random_bytes(16 * BS as usize, 7);
     let s = MemSource::new("s", 1, data.clone(), vec![]);
     let r = t
@@ -171,7 +172,11 @@ async fn corruption(t: &Target, block_path: impl Fn(&BlockHash) -> Box<dyn FnOnc
         .unwrap();
     let m = t.read_manifest(&r.id).await.unwrap();
     let victim = m.blocks[5];
-    block_path(&victim.1)();
+    let key = layout::block(&victim.1);
+    let mut b = raw.get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+    let i = b.len() / 2;
+    b[i] ^= 0x40;
+    raw.put(&key, b.into()).await.unwrap();
     let v = t
         .verify_backup(&r.id, Arc::new(Progress::new()))
         .await
@@ -198,16 +203,27 @@ async fn corrupt_block_is_reported_file() {
         &TargetOptions::default(),
     )
     .unwrap();
-    corruption(&t, |h| {
-        let p = root.join(layout::block(h).as_ref());
-        Box::new(move || {
-            let mut b = std::fs::read(&p).unwrap();
-            let i = b.len() / 2;
-            b[i] ^= 0x40;
-            std::fs::write(&p, b).unwrap();
-        })
-    })
-    .await;
+    let raw = object_store::local::LocalFileSystem::new_with_prefix(&root).unwrap();
+    corruption(&t, &raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_block_is_reported_s3() {
+    let moto = Moto::start();
+    moto.create_bucket("corrupt");
+    let t = Target::open(&moto.url("corrupt", "p"), &moto_options()).unwrap();
+    let raw = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(moto.endpoint())
+        .with_bucket_name("corrupt")
+        .with_region("us-east-1")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .build()
+        .unwrap();
+    let raw = object_store::prefix::PrefixStore::new(raw, "p");
+    corruption(&t, &raw).await;
 }
 
 /// Randomised create/delete sequences with concurrent backups: after every step every
