@@ -293,3 +293,106 @@ pub async fn metrics(State(state): State<ApiState>) -> ApiResult<impl IntoRespon
         body,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{
+        BackupSpec, BackupStatus, DiskSpec, DiskStatus, NodeSpec, NodeStatus, VolumeSpec,
+        VolumeStats, VolumeStatus,
+    };
+
+    #[test]
+    fn renders_volume_disk_and_backup_metrics_from_status() {
+        let mut v = Volume::new(
+            "v\"1",
+            VolumeSpec {
+                size: 4096,
+                number_of_replicas: 3,
+                frontend: Default::default(),
+                data_locality: Default::default(),
+                disk_selector: vec![],
+                node_selector: vec![],
+                stale_replica_timeout_seconds: 0,
+                from_backup: None,
+                node_id: None,
+                revert_to_snapshot: None,
+                labels: Default::default(),
+            },
+        );
+        v.status = Some(VolumeStatus {
+            robustness: Robustness::Degraded,
+            rebuild_progress: Some(42),
+            stats: Some(VolumeStats {
+                write_iops: 1500.0,
+                write_latency_micros: 250.0,
+                write_ops_total: 9,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let mut n = Node::new(
+            "n1",
+            NodeSpec {
+                allow_scheduling: true,
+                tags: vec![],
+                zone: String::new(),
+                disks: [(
+                    "d1".to_owned(),
+                    DiskSpec {
+                        path: "/d".into(),
+                        allow_scheduling: true,
+                        storage_reserved: 7,
+                        tags: vec![],
+                    },
+                )]
+                .into(),
+                eviction_requested: false,
+            },
+        );
+        n.status = Some(NodeStatus {
+            disks: [(
+                "d1".to_owned(),
+                DiskStatus {
+                    storage_maximum: 100,
+                    storage_available: 60,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        });
+        let mut b = Backup::new(
+            "b1",
+            BackupSpec {
+                volume: "v\"1".into(),
+                snapshot: None,
+                labels: Default::default(),
+            },
+        );
+        b.status = Some(BackupStatus {
+            progress: 30,
+            ..Default::default()
+        });
+        let text = render(&[v], &[], &[n], &[b]);
+        for line in [
+            "ironhorn_volume_size_bytes{volume=\"v\\\"1\"} 4096",
+            "ironhorn_volume_robustness{volume=\"v\\\"1\"} 2",
+            "ironhorn_volume_write_iops{volume=\"v\\\"1\"} 1500",
+            "ironhorn_volume_write_latency_seconds{volume=\"v\\\"1\"} 0.00025",
+            "ironhorn_volume_write_ops_total{volume=\"v\\\"1\"} 9",
+            "ironhorn_volume_rebuild_progress_percent{volume=\"v\\\"1\"} 42",
+            "ironhorn_disk_storage_maximum_bytes{node=\"n1\",disk=\"d1\"} 100",
+            "ironhorn_disk_storage_available_bytes{node=\"n1\",disk=\"d1\"} 60",
+            "ironhorn_disk_storage_reserved_bytes{node=\"n1\",disk=\"d1\"} 7",
+            "ironhorn_node_ready{node=\"n1\"} 0",
+            "ironhorn_backup_progress_percent{backup=\"b1\",volume=\"v\\\"1\"} 30",
+            "# TYPE ironhorn_volume_write_ops_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
