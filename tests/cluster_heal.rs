@@ -2,7 +2,7 @@
 //! the REST API: created, attached, written and verified with fio over NBD; a replica
 //! SIGKILLed under I/O makes it degraded, the manager heals it (the agent restarts the
 //! process, the engine rebuilds it online) back to healthy, and everything written
-//! verifies. The healing time is printed (`cargo test --test cluster_heal -- --nocapture`).
+//! verifies; the volume is then expanded online. The healing time is printed (`cargo test --test cluster_heal -- --nocapture`).
 
 mod cluster_common;
 mod common;
@@ -70,4 +70,29 @@ fn killed_replica_is_rebuilt_and_data_verifies() {
         &["--verify_only"],
     );
     c.wait_robustness("v1", "healthy", Duration::from_secs(5));
+
+    // Expand online through the engine: the NBD export grows, the data stays.
+    c.api
+        .post(
+            "/v1/volumes/v1/expand",
+            serde_json::json!({"size": 2 * SIZE}),
+        )
+        .ok();
+    c.wait_volume("v1", Duration::from_secs(30), "expanded", |v| {
+        v["status"]["currentSize"] == 2 * SIZE
+    });
+    let mut info = std::process::Command::new("nbdinfo");
+    info.args(["--size", &uri]);
+    let out = common::run_with_timeout(&mut info, 30);
+    assert_eq!(out.stdout.trim(), (2 * SIZE).to_string(), "{out}");
+    fio(
+        &uri,
+        c.dir.path(),
+        "first",
+        0,
+        16 * MIB,
+        1,
+        &["--verify_only"],
+    );
+    fio(&uri, c.dir.path(), "grown", SIZE, 16 * MIB, 4, &[]);
 }

@@ -2,7 +2,7 @@
 //! (through the engine), more data written, the volume detached and reverted to the
 //! snapshot (on each replica), attached again — and the data read back is the data of the
 //! snapshot (qemu-io pattern checks over NBD). A snapshot of the detached volume is taken
-//! on the replicas directly.
+//! on the replicas directly. Deleting the volume removes its processes and data.
 
 mod cluster_common;
 mod common;
@@ -77,6 +77,25 @@ fn snapshot_then_revert_restores_the_snapshot_data() {
     cluster_common::wait_for_value(Duration::from_secs(30), "snapshot s2 gone", || {
         let all = items(&c.api.get("/v1/volumes/v1/snapshots").body);
         (!all.iter().any(|s| s["metadata"]["name"] == "s2")).then_some(())
+    });
+
+    // Deleting the volume stops its engine and replicas and removes their data.
+    assert_eq!(c.api.delete("/v1/volumes/v1").status, 202);
+    cluster_common::wait_for_value(Duration::from_secs(60), "volume and data gone", || {
+        let gone = c.api.get("/v1/volumes/v1").status == 404;
+        let dirs: usize = c
+            .nodes
+            .iter()
+            .map(|n| {
+                std::fs::read_dir(n.disk.join("replicas"))
+                    .map(|d| d.count())
+                    .unwrap_or(0)
+            })
+            .sum();
+        let running = (0..c.nodes.len())
+            .map(|i| c.instance_pids(i).len())
+            .sum::<usize>();
+        (gone && dirs == 0 && running == 0).then_some(())
     });
 }
 
