@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ironhorn_proto::engine::engine_control_client::EngineControlClient;
 use ironhorn_proto::engine::{
-    AddReplicaRequest, EngineInfo, EngineInfoRequest, ExpandVolumeRequest, RemoveReplicaRequest,
+    AddReplicaRequest, BackupCreateRequest, BackupStatus, EngineInfo, EngineInfoRequest, ExpandVolumeRequest, RemoveReplicaRequest,
     SnapshotCreateRequest, SnapshotListRequest, SnapshotListResponse, SnapshotRemoveRequest,
     SnapshotRevertRequest,
 };
@@ -213,5 +213,32 @@ impl Engines {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Starts a backup of `snapshot` to `target` (backup volume `volume`); returns the job
+    /// at once, its progress is in [`Engines::info`].
+    pub async fn create_backup(
+        &self,
+        address: &str,
+        snapshot: &str,
+        target: &str,
+        volume: &str,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<BackupStatus, EngineCallError> {
+        let req = BackupCreateRequest {
+            snapshot: snapshot.to_owned(),
+            target: target.to_owned(),
+            volume: volume.to_owned(),
+            labels: labels.into_iter().collect(),
+            compression: String::new(),
+            block_size: 0,
+        };
+        self.call(
+            address,
+            "create backup",
+            SLOW_CALL_TIMEOUT,
+            |mut c| async move { c.create_backup(req).await },
+        )
+        .await
     }
 }

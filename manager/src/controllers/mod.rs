@@ -8,10 +8,12 @@
 //! - [`volume`]: replicas per `numberOfReplicas` (through [`crate::scheduler`]), healing,
 //!   attach/detach (the engine), expand, revert, robustness, deletion and orphan cleanup.
 //! - [`snapshot`]: snapshots taken and removed through the engine.
+//! - [`backup`]: backups taken through the engine to the backup target, removed from it.
 //!
 //! [`Registry`] holds the controllers a manager runs; more (backups, recurring jobs) are
 //! added with [`Registry::register`].
 
+pub mod backup;
 pub mod engine_client;
 pub mod liveness;
 pub mod node;
@@ -84,12 +86,13 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// The built-in controllers: node, volume, snapshot.
+    /// The built-in controllers: node, volume, snapshot, backup, restore, recurring job.
     pub fn builtin() -> Self {
         let mut r = Registry::default();
         r.register(Arc::new(node::NodeController));
         r.register(Arc::new(volume::VolumeController));
         r.register(Arc::new(snapshot::SnapshotController));
+        r.register(Arc::new(backup::BackupController::default()));
         r
     }
 
