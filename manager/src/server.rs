@@ -168,6 +168,32 @@ impl Manager {
         })
     }
 
+    /// A manager on a store opened elsewhere (the Kubernetes backend) with a token already
+    /// known: no data directory. Binds `listen`.
+    pub async fn with_store(
+        store: Store,
+        token: String,
+        listen: SocketAddr,
+    ) -> Result<Manager, ServerError> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServerError::Serve {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Serve {
+            addr: listen,
+            source,
+        })?;
+        Ok(Manager {
+            store,
+            token,
+            token_created: false,
+            listener,
+            addr,
+        })
+    }
+
     /// The store (hand clones to controllers).
     pub fn store(&self) -> &Store {
         &self.store

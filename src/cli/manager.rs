@@ -5,13 +5,23 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use ironhorn_manager::controllers::{Registry, run_control_plane};
 use ironhorn_manager::server::{DEFAULT_LISTEN, Manager, ManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Default address of the agent service.
 pub const DEFAULT_AGENT_LISTEN: &str = "127.0.0.1:9501";
+
+/// Where the manager keeps the resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// A redb file under `--data-dir`.
+    Embedded,
+    /// CustomResources in the Kubernetes cluster (in-cluster service account, else the
+    /// kubeconfig), with leader election on a Lease; the token comes from a Secret.
+    Kubernetes,
+}
 
 /// Arguments of `ironhorn manager`.
 #[derive(Debug, Args)]
@@ -35,11 +45,28 @@ pub struct ManagerArgs {
     /// API token to require (default: the one in DATA_DIR/token, generated at first start).
     #[arg(long, env = "IRONHORN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+
+    /// Where the resources live.
+    #[arg(long, value_enum, env = "IRONHORN_STORE", default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
+
+    /// Kubernetes store: namespace of the resources, the Lease and the token Secret
+    /// (default: the kubeconfig's or the service account's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+
+    /// Kubernetes store: this manager's identity in the leader Lease (default: the host
+    /// name, which is the pod name in a pod).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 impl ManagerArgs {
     /// Runs the manager until SIGINT/SIGTERM.
     pub async fn run(self) -> anyhow::Result<()> {
+        if self.store == StoreKind::Kubernetes {
+            return self.run_kubernetes().await;
+        }
         let manager = Manager::open(&ManagerConfig {
             data_dir: self.data_dir.clone(),
             listen: self.listen,
@@ -76,5 +103,31 @@ impl ManagerArgs {
         }
         served?;
         Ok(())
+    }
+
+    /// `--store kubernetes`: see `ironhorn_manager::store::kubernetes_manager`.
+    async fn run_kubernetes(self) -> anyhow::Result<()> {
+        use ironhorn_manager::store::kubernetes_manager::{KubernetesManagerConfig, run};
+        let identity = match self.identity.filter(|i| !i.is_empty()) {
+            Some(i) => i,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default(),
+        };
+        anyhow::ensure!(!identity.is_empty(), "no --identity and no host name");
+        let shutdown = CancellationToken::new();
+        super::replica::spawn_signal_handler(shutdown.clone())?;
+        run(
+            KubernetesManagerConfig {
+                namespace: self.namespace,
+                listen: self.listen,
+                agent_listen: self.agent_listen,
+                token: self.token,
+                identity,
+            },
+            shutdown,
+        )
+        .await
+        .context("manager on the Kubernetes store")
     }
 }

@@ -2,6 +2,7 @@
 
 mod agent;
 mod backup;
+mod crd;
 mod csi;
 mod engine;
 mod manager;
@@ -45,6 +46,8 @@ enum Command {
     Up(up::UpArgs),
     /// CSI driver (Identity, Controller, Node) on a unix socket, for Kubernetes.
     Csi(csi::CsiArgs),
+    /// Prints the CustomResourceDefinitions of every resource kind (deploy/crds.yaml).
+    Crd(crd::CrdArgs),
     /// Kernel NBD client: attach an export to /dev/nbdN (kept connected across engine
     /// restarts), list, detach.
     #[command(subcommand)]
@@ -74,6 +77,7 @@ impl Cli {
             Command::Engine(cmd) => cmd.run().await,
             Command::Up(args) => args.run().await,
             Command::Csi(args) => args.run().await,
+            Command::Crd(args) => args.run().await,
             Command::Nbd(cmd) => cmd.run().await,
             Command::Volume(args) => args.run().await,
             Command::Node(args) => args.run().await,

@@ -24,6 +24,8 @@ pub mod kubernetes;
 pub mod kubernetes_emulator;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes_lease;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes_manager;
 #[cfg(all(test, feature = "k8s-emulator"))]
 mod kubernetes_tests;
 
