@@ -217,7 +217,14 @@ impl AgentService {
                 });
             }
         }
-        let owned: BTreeSet<&str> = replicas.iter().map(|x| x.spec.data_dir.as_str()).collect();
+        let mut owned: BTreeSet<&str> =
+            replicas.iter().map(|x| x.spec.data_dir.as_str()).collect();
+        // A restore in progress fills a staging directory beside the replica's.
+        let staging: Vec<String> = replicas
+            .iter()
+            .filter_map(|x| crate::controllers::restore::staging_dir(&x.spec.data_dir))
+            .collect();
+        owned.extend(staging.iter().map(String::as_str));
         let remove_dirs = if node.is_some() {
             r.replica_dirs
                 .iter()

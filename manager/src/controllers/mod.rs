@@ -9,6 +9,7 @@
 //!   attach/detach (the engine), expand, revert, robustness, deletion and orphan cleanup.
 //! - [`snapshot`]: snapshots taken and removed through the engine.
 //! - [`backup`]: backups taken through the engine to the backup target, removed from it.
+//! - [`restore`]: replicas of a volume created from a backup filled before they start.
 //!
 //! [`Registry`] holds the controllers a manager runs; more (backups, recurring jobs) are
 //! added with [`Registry::register`].
@@ -19,6 +20,7 @@ pub mod liveness;
 pub mod node;
 pub mod patch;
 pub mod replica_client;
+pub mod restore;
 pub mod settings;
 pub mod snapshot;
 pub mod volume;
@@ -93,6 +95,7 @@ impl Registry {
         r.register(Arc::new(volume::VolumeController));
         r.register(Arc::new(snapshot::SnapshotController));
         r.register(Arc::new(backup::BackupController::default()));
+        r.register(Arc::new(restore::RestoreController::default()));
         r
     }
 

@@ -344,7 +344,8 @@ async fn reconcile_volume(
                         disk_name: p.disk.clone(),
                         data_dir: dir.display().to_string(),
                         size: st.current_size,
-                        desired_state: DesiredState::Running,
+                        // Stopped until restored when the volume comes from a backup.
+                        desired_state: super::restore::replica_start_state(v),
                         failed_at: None,
                         healthy_at: None,
                     },
