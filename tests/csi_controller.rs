@@ -107,6 +107,17 @@ fn controller_and_full_path() {
     });
     expect_code(create(r), Code::InvalidArgument);
 
+    // Replicas only on disks tagged `nvme`, and no disk has that tag: the scheduler cannot
+    // place them, the volume is removed again, RESOURCE_EXHAUSTED.
+    let mut r = create_req("no-such-disk", 32 * MIB);
+    r.parameters.insert("diskSelector".into(), "nvme".into());
+    let msg = expect_code(create(r), Code::ResourceExhausted);
+    assert!(msg.contains("no-such-disk"), "{msg}");
+    // More replicas than nodes is refused by the manager outright.
+    let mut r = create_req("too-many-replicas", 32 * MIB);
+    r.parameters.insert("numberOfReplicas".into(), "3".into());
+    expect_code(create(r), Code::InvalidArgument);
+
     // CreateVolume: idempotent by name; another size under the same name is refused.
     let name = "Sanity Volume 1";
     let v1 = create(create_req(name, 64 * MIB))

@@ -1,6 +1,7 @@
 //! A one-node ironhorn control plane for the CSI controller tests: `ironhorn manager`
 //! (embedded store) and one `ironhorn agent` (node `node-1`, one disk), in a temporary
-//! directory, on 127.0.0.1 ports picked free.
+//! directory, on 127.0.0.1 ports picked free; the minimum free-space percentage is set
+//! to 0 so the host disk's fill level does not decide scheduling.
 //!
 //! Dropping it stops the agent with SIGTERM (it runs with `--stop-instances-on-exit`, so
 //! its engines and replicas stop too), kills whatever process still names the directory,
@@ -136,6 +137,10 @@ impl ControlPlane {
                 }
             },
         );
+        // The tests' volumes are small and sparse: do not let the free space left on the
+        // machine's disk (shared with everything else) decide whether they can be placed.
+        rt.block_on(client.set_setting("storage-minimal-available-percentage", "0"))
+            .expect("set storage-minimal-available-percentage");
         cp
     }
 

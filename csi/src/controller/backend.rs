@@ -27,6 +27,9 @@ pub struct VolumeRecord {
     pub from_backup: Option<String>,
     /// Labels (the driver keeps the CSI name and parameters it needs there).
     pub labels: BTreeMap<String, String>,
+    /// The scheduler's verdict on the replicas: None until it has one, `Ok` when every
+    /// replica is placed, `Err(why)` when some cannot be.
+    pub scheduled: Option<Result<(), String>>,
 }
 
 impl VolumeRecord {

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use ironhorn_manager::client::{Client, ClientError, CreateBackup, CreateSnapshot, CreateVolume};
 use ironhorn_manager::resources::{
-    Backup, BackupState, DataLocality, Node, Snapshot, Volume, VolumeState,
+    Backup, BackupState, ConditionStatus, DataLocality, Node, Snapshot, Volume, VolumeState,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -57,7 +57,16 @@ fn state_name(s: VolumeState) -> &'static str {
 
 fn volume_record(v: Volume) -> VolumeRecord {
     let status = v.status.unwrap_or_default();
+    let scheduled = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Scheduled")
+        .map(|c| match c.status {
+            ConditionStatus::True => Ok(()),
+            _ => Err(c.message.clone()),
+        });
     VolumeRecord {
+        scheduled,
         name: v.metadata.name.unwrap_or_default(),
         size: v.spec.size,
         current_size: status.current_size,

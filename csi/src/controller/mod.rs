@@ -40,6 +40,8 @@ pub const SIZE_GRANULE: u64 = 1 << 20;
 pub const MIN_VOLUME_SIZE: u64 = 16 << 20;
 /// How long attach, detach and expansion may take before the call fails (the CO retries).
 pub const WAIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long CreateVolume waits for the scheduler's verdict on the replicas.
+pub const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the manager is polled while waiting.
 const POLL: Duration = Duration::from_millis(250);
 /// Label holding the CSI name a volume or snapshot was created under.
@@ -260,6 +262,7 @@ impl ControllerService {
                     "volume {name} exists with another content source"
                 )));
             }
+            let existing = self.check_scheduled(existing).await?;
             return Ok(pb::CreateVolumeResponse {
                 volume: Some(self.csi_volume(&existing, p.context)),
             });
@@ -278,10 +281,50 @@ impl ControllerService {
                 .ok_or_else(|| CsiError::Aborted(format!("volume {name} is being created")))?,
             Err(e) => return Err(e.into()),
         };
+        let created = self.check_scheduled(created).await?;
         tracing::info!("volume created");
         Ok(pb::CreateVolumeResponse {
             volume: Some(self.csi_volume(&created, p.context)),
         })
+    }
+
+    /// Waits (up to [`SCHEDULE_TIMEOUT`]) for the scheduler's verdict on a new volume's
+    /// replicas. When they cannot all be placed, the volume is deleted again and the call
+    /// fails with RESOURCE_EXHAUSTED (the CO may retry, e.g. after nodes are added); when
+    /// the verdict takes longer, the volume is returned and scheduled later.
+    async fn check_scheduled(&self, v: VolumeRecord) -> Result<VolumeRecord, CsiError> {
+        let deadline = Instant::now() + SCHEDULE_TIMEOUT;
+        let mut v = v;
+        loop {
+            match &v.scheduled {
+                Some(Ok(())) => return Ok(v),
+                Some(Err(why)) => {
+                    let why = why.clone();
+                    if let Err(e) = self.api.delete_volume(&v.name).await {
+                        tracing::warn!(volume = %v.name, error = %e, "cannot delete an unschedulable volume");
+                    }
+                    return Err(CsiError::ResourceExhausted(format!(
+                        "the replicas of volume {} cannot be placed: {why}",
+                        v.name
+                    )));
+                }
+                None if Instant::now() >= deadline => {
+                    tracing::info!(volume = %v.name, "no scheduling verdict yet; returning the volume");
+                    return Ok(v);
+                }
+                None => {}
+            }
+            tokio::time::sleep(POLL).await;
+            v = match self.api.get_volume(&v.name).await? {
+                Some(v) => v,
+                None => {
+                    return Err(CsiError::Aborted(format!(
+                        "volume {} disappeared while it was created",
+                        v.name
+                    )));
+                }
+            };
+        }
     }
 
     async fn delete_volume(&self, req: pb::DeleteVolumeRequest) -> Result<(), CsiError> {
