@@ -276,3 +276,100 @@ impl RestoreSink for ReplicaRestore {
         let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn snapshot_source_reads_the_snapshot_and_its_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), 4 << 20).unwrap();
+        store.write(0, &pattern(8192, 1)).unwrap();
+        store.write(1 << 20, &pattern(4096, 2)).unwrap();
+        store.snapshot("s1", BTreeMap::new()).unwrap();
+        store.write(4096, &pattern(4096, 3)).unwrap();
+        store.write(3 << 20, &pattern(8192, 4)).unwrap();
+        store.snapshot("s2", BTreeMap::new()).unwrap();
+        // Written after s2: not part of it.
+        store.write(0, &pattern(4096, 5)).unwrap();
+
+        let s2 = ReplicaSnapshot::open(dir.path(), "s2").unwrap();
+        assert_eq!(s2.size(), 4 << 20);
+        assert_eq!(
+            s2.allocated().unwrap(),
+            vec![
+                0..8192,
+                (1 << 20)..(1 << 20) + 4096,
+                (3 << 20)..(3 << 20) + 8192
+            ]
+        );
+        let s1_id = ReplicaSnapshot::open(dir.path(), "s1").unwrap().id();
+        assert_eq!(
+            s2.changed_since(&s1_id).unwrap(),
+            Some(vec![4096..8192, (3 << 20)..(3 << 20) + 8192])
+        );
+        let other = SnapshotId {
+            name: "s1".into(),
+            created_unix_ms: s1_id.created_unix_ms + 1,
+        };
+        assert_eq!(
+            s2.changed_since(&other).unwrap(),
+            None,
+            "same name, other snapshot"
+        );
+        let mut buf = vec![0u8; 8192];
+        s2.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf[..4096], &pattern(8192, 1)[..4096]);
+        assert_eq!(&buf[4096..], &pattern(4096, 3)[..]);
+        let mut hole = vec![1u8; 4096];
+        s2.read_at(2 << 20, &mut hole).unwrap();
+        assert!(hole.iter().all(|b| *b == 0));
+        assert!(ReplicaSnapshot::open(dir.path(), "volume-head").is_err());
+        assert!(ReplicaSnapshot::open(dir.path(), "nope").is_err());
+
+        // s1 removed and purged into s2: s2 reads the same, but no longer diffs against s1.
+        store.remove_snapshot("s1").unwrap();
+        store.purge().unwrap();
+        let again = ReplicaSnapshot::open(dir.path(), "s2").unwrap();
+        assert_eq!(again.changed_since(&s1_id).unwrap(), None);
+        let mut after = vec![0u8; 8192];
+        again.read_at(0, &mut after).unwrap();
+        assert_eq!(after, buf);
+    }
+
+    #[test]
+    fn restore_is_invisible_until_committed() {
+        let parent = tempfile::tempdir().unwrap();
+        let dest = parent.path().join("r");
+        let r = ReplicaRestore::create(&dest, 1 << 20, "bk-1").unwrap();
+        r.write_at(4096, &pattern(4096, 9)).unwrap();
+        assert!(!dest.exists());
+        r.abort();
+        assert!(!dest.exists());
+        assert!(!parent.path().join(".r.restoring").exists());
+
+        let r = ReplicaRestore::create(&dest, 1 << 20, "bk-2").unwrap();
+        r.write_at(4096, &pattern(4096, 9)).unwrap();
+        r.commit("snap", &BTreeMap::new()).unwrap();
+        let s = Store::open(&dest).unwrap();
+        let snap = s.layers().into_iter().find(|l| l.name == "snap").unwrap();
+        assert_eq!(
+            snap.labels.get(RESTORED_FROM_LABEL).map(String::as_str),
+            Some("bk-2")
+        );
+        let mut buf = vec![0u8; 8192];
+        s.read(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|b| *b == 0));
+        assert_eq!(&buf[4096..], &pattern(4096, 9)[..]);
+        // A non-empty destination is refused.
+        assert!(ReplicaRestore::create(&dest, 1 << 20, "bk-3").is_err());
+    }
+}
