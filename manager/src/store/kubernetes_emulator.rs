@@ -105,6 +105,30 @@ impl ResourceKind {
         }
     }
 
+    /// Core `v1` Secret (the manager's API token).
+    pub fn secret() -> ResourceKind {
+        ResourceKind {
+            group: String::new(),
+            version: "v1".into(),
+            plural: "secrets".into(),
+            kind: "Secret".into(),
+            namespaced: true,
+            status_subresource: false,
+            custom: false,
+        }
+    }
+
+    /// Every kind the manager uses: the ironhorn CRDs, Leases and Secrets.
+    pub fn manager_kinds() -> Vec<ResourceKind> {
+        let mut kinds: Vec<ResourceKind> = super::kubernetes::crds()
+            .iter()
+            .flat_map(ResourceKind::from_crd)
+            .collect();
+        kinds.push(ResourceKind::lease());
+        kinds.push(ResourceKind::secret());
+        kinds
+    }
+
     fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.clone()
@@ -165,6 +189,19 @@ impl ApiServerEmulator {
         let mut config = kube::Config::new(self.url().parse().expect("a valid URL"));
         config.default_namespace = namespace.to_string();
         config
+    }
+
+    /// A kube client for this emulator, with `namespace` as default.
+    pub fn kube_client(&self, namespace: &str) -> Result<kube::Client, kube::Error> {
+        kube::Client::try_from(self.kube_config(namespace))
+    }
+
+    /// A kubeconfig file's text pointing at this emulator (no credentials).
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {}\ncontexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: nobody\n    namespace: {namespace}\ncurrent-context: emulator\nusers:\n- name: nobody\n  user: {{}}\n",
+            self.url()
+        )
     }
 
     /// Forgets the event history: a watch resumed from any earlier resourceVersion gets

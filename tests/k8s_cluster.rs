@@ -1,0 +1,232 @@
+//! The manager on the Kubernetes store, end to end without a cluster: the API server
+//! emulator (ironhorn_manager::store::kubernetes_emulator) stands in for kube-apiserver;
+//! the real binary runs `ironhorn manager --store kubernetes` against it through a
+//! kubeconfig, three real agents run real replicas. A Volume object written to the API
+//! server (as `kubectl apply` would) gets its replicas scheduled and running and a healthy
+//! status; deleting it removes its replicas, engine and data.
+
+mod cluster_common;
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster_common::{Api, condition, free_port, free_range, items};
+use common::{Process, bin, wait_for};
+use ironhorn_manager::resources::{Volume, VolumeSpec};
+use ironhorn_manager::store::Store;
+use ironhorn_manager::store::kubernetes::KubernetesStore;
+use ironhorn_manager::store::kubernetes_emulator::{ApiServerEmulator, ResourceKind};
+use serde_json::{Value, json};
+
+const NS: &str = "ironhorn-system";
+const PORTS_PER_NODE: u16 = 40;
+const MIB: u64 = 1 << 20;
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            _ => 63,
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|b| *b != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, b) in chunk.iter().enumerate() {
+            n |= val(*b) << (18 - 6 * i);
+        }
+        let take = chunk.len().saturating_sub(1);
+        out.extend_from_slice(&n.to_be_bytes()[1..1 + take]);
+    }
+    out
+}
+
+fn objects(emu: &ApiServerEmulator, rt: &tokio::runtime::Runtime, plural: &str) -> Vec<Value> {
+    let store = KubernetesStore::new(emu.kube_client(NS).expect("client"), NS);
+    let kind = plural.parse().expect("kind");
+    rt.block_on(ironhorn_manager::store::StoreBackend::list(&store, kind))
+        .expect("list")
+}
+
+#[test]
+fn volume_object_gets_healthy_replicas_and_is_cleaned_up() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // kube clients are made inside the runtime.
+    let _in_runtime = rt.enter();
+    let emu = rt
+        .block_on(ApiServerEmulator::start(ResourceKind::manager_kinds()))
+        .expect("emulator");
+    let dir = tempfile::Builder::new()
+        .prefix("ih-k8s")
+        .tempdir()
+        .expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, emu.kubeconfig(NS)).expect("kubeconfig");
+
+    let api_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let agent_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "manager",
+        "--store",
+        "kubernetes",
+        "--identity",
+        "manager-0",
+    ])
+    .arg("--listen")
+    .arg(api_addr.to_string())
+    .arg("--agent-listen")
+    .arg(agent_addr.to_string())
+    .env("KUBECONFIG", &kubeconfig)
+    .env("POD_NAMESPACE", NS)
+    .env_remove("IRONHORN_TOKEN");
+    let (_manager, ()) = Process::spawn("manager", &mut cmd, |l| {
+        l.contains("agent service listening").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{}", e.message));
+
+    // The manager took the Lease and made the token Secret.
+    let lease = emu.object("leases", NS, "ironhorn-manager").expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "manager-0");
+    let secret = emu
+        .object("secrets", NS, "ironhorn-api-token")
+        .expect("token secret");
+    let token = String::from_utf8(base64_decode(
+        secret["data"]["token"].as_str().expect("token"),
+    ))
+    .expect("UTF-8");
+    let api = Api {
+        addr: api_addr,
+        token: token.clone(),
+    };
+    api.put(
+        "/v1/settings/storage-minimal-available-percentage",
+        json!({"value": "0"}),
+    )
+    .ok();
+
+    let base = free_range(PORTS_PER_NODE * 3);
+    let mut agents = Vec::new();
+    for i in 0..3u16 {
+        let name = format!("node-{}", i + 1);
+        let disk = dir.path().join(&name).join("disk");
+        let mut cmd = Command::new(bin());
+        cmd.arg("agent")
+            .arg("--node")
+            .arg(&name)
+            .arg("--disk")
+            .arg(&disk)
+            .arg("--manager")
+            .arg(format!("http://{agent_addr}"))
+            .arg("--ports")
+            .arg(format!(
+                "{}-{}",
+                base + PORTS_PER_NODE * i,
+                base + PORTS_PER_NODE * (i + 1) - 1
+            ))
+            .arg("--state-dir")
+            .arg(dir.path().join(&name).join("agent"))
+            .arg("--stop-instances-on-exit")
+            .env("IRONHORN_TOKEN", &token);
+        let (p, ()) = Process::spawn(&name, &mut cmd, |l| {
+            l.contains("agent running").then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        agents.push(p);
+    }
+    wait_for(Duration::from_secs(30), "three Ready nodes", || {
+        let nodes = objects(&emu, &rt, "nodes");
+        let ready = nodes
+            .iter()
+            .filter(|n| condition(n, "Ready").as_deref() == Some("True"))
+            .count();
+        if ready == 3 { Ok(()) } else { Err(nodes) }
+    });
+
+    // A Volume object, written to the API server as kubectl would.
+    let store = Store::new(Arc::new(KubernetesStore::new(
+        emu.kube_client(NS).expect("client"),
+        NS,
+    )));
+    let volume = Volume::new(
+        "pvc-1",
+        VolumeSpec {
+            size: 64 * MIB,
+            number_of_replicas: 3,
+            frontend: Default::default(),
+            data_locality: Default::default(),
+            disk_selector: vec![],
+            node_selector: vec![],
+            stale_replica_timeout_seconds: 0,
+            from_backup: None,
+            node_id: None,
+            revert_to_snapshot: None,
+            labels: Default::default(),
+        },
+    );
+    rt.block_on(store.create(&volume))
+        .expect("create the Volume");
+    let v = wait_for(Duration::from_secs(60), "a healthy volume", || {
+        let v = emu.object("volumes", NS, "pvc-1").unwrap_or(Value::Null);
+        if v["status"]["robustness"] == "healthy" {
+            Ok(v)
+        } else {
+            Err(v)
+        }
+    });
+    assert_eq!(condition(&v, "Scheduled").as_deref(), Some("True"), "{v}");
+    let replicas = objects(&emu, &rt, "replicas");
+    assert_eq!(replicas.len(), 3, "{replicas:?}");
+    let mut nodes: Vec<String> = replicas
+        .iter()
+        .map(|r| r["spec"]["nodeId"].as_str().unwrap_or("").to_owned())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(nodes.len(), 3, "one replica per node: {replicas:?}");
+    let data_dirs: Vec<std::path::PathBuf> = replicas
+        .iter()
+        .map(|r| r["spec"]["dataDir"].as_str().unwrap_or("").into())
+        .collect();
+    for d in &data_dirs {
+        assert!(d.is_dir(), "replica data at {}", d.display());
+    }
+    // The REST API reads the same objects.
+    let listed = api.get("/v1/volumes").ok();
+    assert_eq!(items(&listed).len(), 1, "{listed}");
+
+    // Delete the object: replicas, engine and their data go.
+    rt.block_on(store.delete::<Volume>("pvc-1"))
+        .expect("delete the Volume");
+    wait_for(
+        Duration::from_secs(60),
+        "replicas and engines cleaned up",
+        || {
+            let left: Vec<Value> = ["volumes", "replicas", "engines"]
+                .iter()
+                .flat_map(|k| objects(&emu, &rt, k))
+                .collect();
+            if left.is_empty() { Ok(()) } else { Err(left) }
+        },
+    );
+    wait_for(Duration::from_secs(30), "replica data removed", || {
+        let left: Vec<&std::path::PathBuf> = data_dirs.iter().filter(|d| d.exists()).collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
+    drop(agents);
+}
