@@ -137,7 +137,8 @@ pub async fn set_setting(
 }
 
 /// Checks a 5-field cron expression: minute hour day-of-month month day-of-week, each `*`,
-/// a number, a range `a-b`, a list `a,b`, with an optional step `/n`.
+/// a number, a range `a-b`, a list `a,b`, with an optional step `/n` (or 6 fields, seconds
+/// first; the recurring-job controller's `controllers::cron` reads both).
 pub fn validate_cron(expr: &str) -> Result<(), String> {
     const BOUNDS: [(&str, u32, u32); 5] = [
         ("minute", 0, 59),
@@ -147,13 +148,18 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
         ("day of week", 0, 7),
     ];
     let fields: Vec<&str> = expr.split_whitespace().collect();
-    if fields.len() != 5 {
+    // Six fields: a leading seconds field (schedules finer than a minute).
+    let mut bounds = BOUNDS.to_vec();
+    if fields.len() == 6 {
+        bounds.insert(0, ("second", 0, 59));
+    } else if fields.len() != 5 {
         return Err(format!(
-            "cron {expr:?} must have 5 fields (minute hour day-of-month month day-of-week), not {}",
+            "cron {expr:?} must have 5 fields (minute hour day-of-month month day-of-week), or 6 \
+             with seconds first, not {}",
             fields.len()
         ));
     }
-    for (field, (what, lo, hi)) in fields.iter().zip(BOUNDS) {
+    for (field, (what, lo, hi)) in fields.iter().zip(bounds) {
         for part in field.split(',') {
             let (range, step) = match part.split_once('/') {
                 Some((r, s)) => (r, Some(s)),
@@ -296,6 +302,7 @@ mod tests {
             "*/5 * * * *",
             "0 3 * * 1-5",
             "0,30 */2 1 1-12/2 7",
+            "*/2 * * * * *",
         ] {
             assert!(validate_cron(ok).is_ok(), "{ok}");
         }
@@ -308,6 +315,7 @@ mod tests {
             "*/0 * * * *",
             "a * * * *",
             "* * 0 * *",
+            "60 * * * * *",
         ] {
             assert!(validate_cron(bad).is_err(), "{bad}");
         }

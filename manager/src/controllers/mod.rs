@@ -10,15 +10,18 @@
 //! - [`snapshot`]: snapshots taken and removed through the engine.
 //! - [`backup`]: backups taken through the engine to the backup target, removed from it.
 //! - [`restore`]: replicas of a volume created from a backup filled before they start.
+//! - [`recurring`]: recurring jobs (snapshots, backups) on a [`cron`] schedule, retention.
 //!
 //! [`Registry`] holds the controllers a manager runs; more (backups, recurring jobs) are
 //! added with [`Registry::register`].
 
 pub mod backup;
+pub mod cron;
 pub mod engine_client;
 pub mod liveness;
 pub mod node;
 pub mod patch;
+pub mod recurring;
 pub mod replica_client;
 pub mod restore;
 pub mod settings;
@@ -96,6 +99,7 @@ impl Registry {
         r.register(Arc::new(snapshot::SnapshotController));
         r.register(Arc::new(backup::BackupController::default()));
         r.register(Arc::new(restore::RestoreController::default()));
+        r.register(Arc::new(recurring::RecurringJobController));
         r
     }
 
