@@ -230,3 +230,97 @@ fn volume_object_gets_healthy_replicas_and_is_cleaned_up() {
     });
     drop(agents);
 }
+
+/// Two managers on one API server: only the Lease holder serves agents (both serve the
+/// API); when the leader stops (SIGTERM releases the Lease) the standby takes over at once,
+/// and a leader killed without releasing is replaced after the Lease expires.
+#[test]
+fn only_the_lease_holder_serves_agents_and_a_standby_takes_over() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let emu = rt
+        .block_on(ApiServerEmulator::start(ResourceKind::manager_kinds()))
+        .expect("emulator");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, emu.kubeconfig(NS)).expect("kubeconfig");
+    let start = |identity: &str| {
+        let api: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let agents: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut cmd = Command::new(bin());
+        cmd.args(["manager", "--store", "kubernetes", "--identity", identity])
+            .arg("--listen")
+            .arg(api.to_string())
+            .arg("--agent-listen")
+            .arg(agents.to_string())
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAMESPACE", NS)
+            .env_remove("IRONHORN_TOKEN");
+        let (p, ()) = Process::spawn(identity, &mut cmd, |l| {
+            l.contains("manager API listening").then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        (p, api, agents)
+    };
+    let listens = |a: SocketAddr| std::net::TcpStream::connect(a).is_ok();
+    let holder = || {
+        emu.object("leases", NS, "ironhorn-manager")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+    };
+
+    let (mut a, a_api, a_agents) = start("manager-a");
+    wait_for(Duration::from_secs(20), "manager-a leads", || {
+        if holder().as_deref() == Some("manager-a") && listens(a_agents) {
+            Ok(())
+        } else {
+            Err(holder())
+        }
+    });
+    let (mut b, b_api, b_agents) = start("manager-b");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(listens(b_api), "a standby serves the API");
+    assert!(!listens(b_agents), "a standby must not serve agents");
+    assert_eq!(holder().as_deref(), Some("manager-a"));
+
+    // SIGTERM: a releases the Lease; b takes over well before the 15 s lease duration.
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = a
+        .wait_timeout(Duration::from_secs(20))
+        .expect("manager-a stops");
+    assert!(status.success(), "a clean stop: {status:?}");
+    assert!(!listens(a_api));
+    let started = std::time::Instant::now();
+    wait_for(Duration::from_secs(10), "manager-b leads", || {
+        if holder().as_deref() == Some("manager-b") && listens(b_agents) {
+            Ok(())
+        } else {
+            Err(holder())
+        }
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // SIGKILL of the leader: a new candidate waits out the Lease, then leads.
+    b.kill9();
+    let (_c, _c_api, c_agents) = start("manager-c");
+    let started = std::time::Instant::now();
+    wait_for(Duration::from_secs(40), "manager-c leads", || {
+        if holder().as_deref() == Some("manager-c") && listens(c_agents) {
+            Ok(())
+        } else {
+            Err(holder())
+        }
+    });
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "took over a live-looking lease after {:?}",
+        started.elapsed()
+    );
+}

@@ -198,10 +198,12 @@ pub async fn run(
             Registry::builtin(),
             control_stop.clone(),
         ));
+        let mut control_done = false;
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => Ok(()),
             _ = leading.wait_for(|l| !*l) => Err(KubernetesManagerError::LostLeadership),
             ended = &mut control => {
+                control_done = true;
                 match ended {
                     Ok(Err(e)) => tracing::warn!(error = %e, "agent service stopped"),
                     Err(e) => tracing::warn!(error = %e, "control plane task failed"),
@@ -211,7 +213,9 @@ pub async fn run(
             }
         };
         control_stop.cancel();
-        let _ = control.await;
+        if !control_done {
+            let _ = control.await;
+        }
         outcome
     }
     .await;
