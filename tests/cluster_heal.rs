@@ -50,6 +50,10 @@ fn killed_replica_is_rebuilt_and_data_verifies() {
     writer.join().expect("fio thread");
     println!("HEAL killed replica {victim}: degraded after {degraded:?}, healthy after {healed:?}");
     assert_eq!(v["status"]["healthyReplicas"], 3, "{v}");
+    cluster_common::wait_for_value(Duration::from_secs(10), "replicas shown RW", || {
+        let rs = cluster_common::items(&c.api.get("/v1/volumes/v1/replicas").body);
+        (rs.len() == 3 && rs.iter().all(|r| r["status"]["mode"] == "RW")).then_some(())
+    });
     // Everything written before and during the fault reads back.
     fio(
         &uri,

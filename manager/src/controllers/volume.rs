@@ -270,6 +270,31 @@ async fn reconcile_volume(
         }
     }
 
+    // Each replica's mode in the engine and rebuild progress, for the API and UI (none
+    // while the volume has no serving engine).
+    for r in &replicas {
+        let (mode, progress) = match (&info, modes.get(&r.name_any())) {
+            (Some(_), Some(m)) => (
+                Some(m.0),
+                (m.0 == ReplicaMode::WO).then(|| percent(m.1, m.2)),
+            ),
+            _ => (None, None),
+        };
+        let cur = r.status.as_ref();
+        if cur
+            .map(|s| (s.mode, s.rebuild_progress))
+            .unwrap_or_default()
+            != (mode, progress)
+        {
+            patch_status::<Replica, _>(&ctx.store, &r.name_any(), |o| {
+                let s = o.status.get_or_insert_with(Default::default);
+                s.mode = mode;
+                s.rebuild_progress = progress;
+            })
+            .await?;
+        }
+    }
+
     // 3. Replace failed replicas that cannot come back, keeping the last copies.
     let mut deleted = BTreeSet::new();
     let any_good = replicas.iter().any(|r| r.spec.failed_at.is_none());
