@@ -29,10 +29,7 @@ fn deploy_crds_match_the_types() {
             .lines()
             .zip(generated.lines())
             .position(|(a, b)| a != b)
-            .map_or_else(
-                || checked_in.lines().count().min(generated.lines().count()),
-                |i| i,
-            );
+            .unwrap_or_else(|| checked_in.lines().count().min(generated.lines().count()));
         panic!(
             "deploy/crds.yaml differs from `ironhorn crd` from line {}: run `cargo run -- crd > deploy/crds.yaml`\n  checked in: {:?}\n  generated:  {:?}",
             line + 1,
