@@ -267,9 +267,13 @@ impl BackupController {
             }
         };
         st.snapshot = Some(snap.clone());
-        if let Some(s) = world.snapshots.iter().find(|s| s.name_any() == snap)
-            && !s.status.as_ref().is_some_and(|x| x.ready_to_use)
-        {
+        let snap_ready = match world.snapshots.iter().find(|s| s.name_any() == snap) {
+            Some(s) => s.status.as_ref().is_some_and(|x| x.ready_to_use),
+            // Just created above (not in this pass's view yet); a snapshot named by the
+            // user without a resource is taken as present on the engine.
+            None => b.spec.snapshot.is_some(),
+        };
+        if !snap_ready {
             return Ok(Some((
                 ConditionStatus::False,
                 "WaitingForSnapshot",
@@ -330,7 +334,16 @@ impl BackupController {
                             "uploading".into(),
                         )))
                     }
-                    Err(e) => {
+                    // What the engine refuses for good ends the backup; anything else
+                    // (an engine restarting, a timeout) is tried again on the next pass.
+                    Err(e)
+                        if matches!(
+                            e.code,
+                            tonic::Code::InvalidArgument
+                                | tonic::Code::NotFound
+                                | tonic::Code::FailedPrecondition
+                        ) =>
+                    {
                         st.state = BackupState::Error;
                         st.error = Some(e.to_string());
                         Ok(Some((
@@ -339,6 +352,11 @@ impl BackupController {
                             e.to_string(),
                         )))
                     }
+                    Err(e) => Ok(Some((
+                        ConditionStatus::False,
+                        "EngineUnreachable",
+                        format!("{e} (retried)"),
+                    ))),
                 }
             }
             Some(j) if j.state == "running" => {
@@ -367,12 +385,23 @@ impl BackupController {
                 st.url = Some(format!("{url}#{vol}/{id}"));
                 st.completed_at = Some(now());
                 // Size and volume size from the manifest (one small read).
-                if let Ok(t) = open_target(url)
-                    && let Ok(Ok(m)) =
-                        tokio::time::timeout(Duration::from_secs(10), t.read_manifest(&id)).await
-                {
-                    st.size = m.stored_volume_bytes();
-                    st.volume_size = m.size;
+                let manifest = match open_target(url) {
+                    Ok(t) => {
+                        match tokio::time::timeout(Duration::from_secs(10), t.read_manifest(&id))
+                            .await
+                        {
+                            Ok(r) => r.map_err(|e| e.to_string()),
+                            Err(_) => Err("no answer in 10 s".to_owned()),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                match manifest {
+                    Ok(m) => {
+                        st.size = m.stored_volume_bytes();
+                        st.volume_size = m.size;
+                    }
+                    Err(e) => warn!(backup = %name, error = %e, "read the backup's manifest"),
                 }
                 info!(backup = %name, id = %id, "backup completed");
                 let at = st.completed_at.clone();
