@@ -40,10 +40,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) {
 /// The whole device behind `uri`, read with nbdcopy.
 #[track_caller]
 fn read_all(uri: &str, file: &std::path::Path) -> Vec<u8> {
-    let out = run_with_timeout(
-        Command::new("nbdcopy").arg(uri).arg(file),
-        60,
-    );
+    let out = run_with_timeout(Command::new("nbdcopy").arg(uri).arg(file), 60);
     assert!(out.success(), "nbdcopy {uri}: {out}");
     std::fs::read(file).expect("nbdcopy output")
 }
@@ -74,9 +71,7 @@ fn backup_restore_and_recurring_snapshots() {
     let c = Cluster::start(3, &[]);
     let tmp = tempfile::tempdir().expect("temp dir");
 
-    c.api
-        .put("/v1/backuptarget", json!({"url": target}))
-        .ok();
+    c.api.put("/v1/backuptarget", json!({"url": target})).ok();
 
     c.create_volume("src", 16 * MIB, 2);
     c.wait_robustness("src", "healthy", Duration::from_secs(30));
@@ -93,7 +88,10 @@ fn backup_restore_and_recurring_snapshots() {
 
     // Back up (the controller takes the snapshot itself).
     c.api
-        .post("/v1/volumes/src/backups", json!({"name": "bk1", "labels": {"app": "t"}}))
+        .post(
+            "/v1/volumes/src/backups",
+            json!({"name": "bk1", "labels": {"app": "t"}}),
+        )
         .ok();
     let b = wait_for_value(Duration::from_secs(90), "backup bk1 completed", || {
         let b = backup(&c, "bk1");
@@ -103,7 +101,11 @@ fn backup_restore_and_recurring_snapshots() {
     assert_eq!(b["status"]["progress"], 100, "{b}");
     assert_eq!(b["status"]["volumeSize"], 16 * MIB, "{b}");
     // Blocks of 2 MiB holding data: 0, 2, 3 and 7.
-    assert_eq!(b["status"]["size"], 8 * MIB, "stored bytes (holes excluded): {b}");
+    assert_eq!(
+        b["status"]["size"],
+        8 * MIB,
+        "stored bytes (holes excluded): {b}"
+    );
     assert_eq!(condition(&b, "Ready").as_deref(), Some("True"), "{b}");
     let id = b["metadata"]["annotations"]["ironhorn.io/backup-id"]
         .as_str()
@@ -112,7 +114,10 @@ fn backup_restore_and_recurring_snapshots() {
     let v = c.volume("src");
     assert_eq!(v["status"]["lastBackup"], "bk1", "{v}");
     let listed = backup_json(&target, &["ls"]);
-    assert!(listed.to_string().contains(&id), "{id} not in the target: {listed}");
+    assert!(
+        listed.to_string().contains(&id),
+        "{id} not in the target: {listed}"
+    );
     let original = read_all(&uri, &tmp.path().join("src.raw"));
     assert_eq!(original.len() as u64, 16 * MIB);
 
@@ -153,7 +158,10 @@ fn backup_restore_and_recurring_snapshots() {
         (c.api.get("/v1/backups/bk1").status == 404).then_some(())
     });
     let listed = backup_json(&target, &["ls"]);
-    assert!(!listed.to_string().contains(&id), "{id} still in the target: {listed}");
+    assert!(
+        !listed.to_string().contains(&id),
+        "{id} still in the target: {listed}"
+    );
 
     // A recurring snapshot job every two seconds keeps two snapshots of src.
     c.api
@@ -174,7 +182,12 @@ fn backup_restore_and_recurring_snapshots() {
             .filter(|s| s["metadata"]["deletionTimestamp"].is_null())
             .collect();
         for s in &current {
-            seen.insert(s["metadata"]["name"].as_str().unwrap_or_default().to_owned());
+            seen.insert(
+                s["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
         }
         assert!(
             current.len() <= 3,
@@ -182,7 +195,11 @@ fn backup_restore_and_recurring_snapshots() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(seen.len() >= 5, "the job fired {} times in 40 s: {seen:?}", seen.len());
+    assert!(
+        seen.len() >= 5,
+        "the job fired {} times in 40 s: {seen:?}",
+        seen.len()
+    );
     let job = c.api.get("/v1/recurringjobs/every2s").ok();
     assert!(job["status"]["lastRun"].is_string(), "{job}");
     assert!(job["status"]["nextRun"].is_string(), "{job}");

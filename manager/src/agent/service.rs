@@ -217,8 +217,7 @@ impl AgentService {
                 });
             }
         }
-        let mut owned: BTreeSet<&str> =
-            replicas.iter().map(|x| x.spec.data_dir.as_str()).collect();
+        let mut owned: BTreeSet<&str> = replicas.iter().map(|x| x.spec.data_dir.as_str()).collect();
         // A restore in progress fills a staging directory beside the replica's.
         let staging: Vec<String> = replicas
             .iter()

@@ -65,16 +65,19 @@ fn now() -> Time {
 }
 
 fn percent(done: u64, total: u64) -> u8 {
-    if total == 0 {
-        0
-    } else {
-        (done.saturating_mul(100) / total).min(100) as u8
-    }
+    done.saturating_mul(100)
+        .checked_div(total)
+        .map_or(0, |p| p.min(100) as u8)
 }
 
 impl BackupController {
     /// Starts (once) or polls the removal of a backup from its target; `Some(Ok)` when done.
-    fn delete_from_target(&self, name: &str, url: String, id: String) -> Option<Result<(), String>> {
+    fn delete_from_target(
+        &self,
+        name: &str,
+        url: String,
+        id: String,
+    ) -> Option<Result<(), String>> {
         let mut g = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
         match g.get(name) {
             Some(Some(r)) => {
@@ -187,9 +190,7 @@ impl Controller for BackupController {
                 continue;
             }
             let mut st = old.clone();
-            let step = self
-                .step(ctx, world, b, &url, &mut st, &mut infos)
-                .await?;
+            let step = self.step(ctx, world, b, &url, &mut st, &mut infos).await?;
             if let Some((ok, reason, msg)) = step {
                 set_condition(&mut st.conditions, "Ready", ok, reason, &msg);
             }
@@ -254,7 +255,9 @@ impl BackupController {
                         },
                     );
                     match ctx.store.create(&s).await {
-                        Ok(_) => info!(backup = %name, volume = %vol, "snapshot taken for the backup"),
+                        Ok(_) => {
+                            info!(backup = %name, volume = %vol, "snapshot taken for the backup")
+                        }
                         Err(crate::store::StoreError::AlreadyExists { .. }) => {}
                         Err(e) => return Err(e.into()),
                     }

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use ironhorn_proto::engine::engine_control_client::EngineControlClient;
 use ironhorn_proto::engine::{
-    AddReplicaRequest, BackupCreateRequest, BackupStatus, EngineInfo, EngineInfoRequest, ExpandVolumeRequest, RemoveReplicaRequest,
-    SnapshotCreateRequest, SnapshotListRequest, SnapshotListResponse, SnapshotRemoveRequest,
-    SnapshotRevertRequest,
+    AddReplicaRequest, BackupCreateRequest, BackupStatus, EngineInfo, EngineInfoRequest,
+    ExpandVolumeRequest, RemoveReplicaRequest, SnapshotCreateRequest, SnapshotListRequest,
+    SnapshotListResponse, SnapshotRemoveRequest, SnapshotRevertRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 

@@ -83,7 +83,9 @@ impl RecurringJobController {
                     .map(|_| ()),
             };
             match created {
-                Ok(()) => info!(job = %jname, volume = %vname, %name, task = ?job.spec.task, "recurring job fired"),
+                Ok(()) => {
+                    info!(job = %jname, volume = %vname, %name, task = ?job.spec.task, "recurring job fired")
+                }
                 Err(crate::store::StoreError::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -97,10 +99,9 @@ impl RecurringJobController {
         let keep = job.spec.retain.max(1) as usize;
         let backups: Vec<Backup> = ctx.store.list::<Backup>().await?;
         let mut by_volume: BTreeMap<String, Vec<&Backup>> = BTreeMap::new();
-        for b in backups
-            .iter()
-            .filter(|b| b.metadata.deletion_timestamp.is_none() && created_by(&b.spec.labels, &jname))
-        {
+        for b in backups.iter().filter(|b| {
+            b.metadata.deletion_timestamp.is_none() && created_by(&b.spec.labels, &jname)
+        }) {
             by_volume.entry(b.spec.volume.clone()).or_default().push(b);
         }
         for list in by_volume.values_mut() {
@@ -113,10 +114,9 @@ impl RecurringJobController {
         }
         let snaps: Vec<Snapshot> = ctx.store.list::<Snapshot>().await?;
         let mut by_volume: BTreeMap<String, Vec<&Snapshot>> = BTreeMap::new();
-        for s in snaps
-            .iter()
-            .filter(|s| s.metadata.deletion_timestamp.is_none() && created_by(&s.spec.labels, &jname))
-        {
+        for s in snaps.iter().filter(|s| {
+            s.metadata.deletion_timestamp.is_none() && created_by(&s.spec.labels, &jname)
+        }) {
             by_volume.entry(s.spec.volume.clone()).or_default().push(s);
         }
         for list in by_volume.values_mut() {

@@ -112,11 +112,11 @@ impl RestoreController {
                 }
                 None => {
                     let s = j.progress.snapshot();
-                    let pct = if s.total_bytes == 0 {
-                        0
-                    } else {
-                        (s.done_bytes.saturating_mul(100) / s.total_bytes).min(99) as u8
-                    };
+                    let pct = s
+                        .done_bytes
+                        .saturating_mul(100)
+                        .checked_div(s.total_bytes)
+                        .map_or(0, |p| p.min(99) as u8);
                     ReplicaState::Running(pct)
                 }
             };
@@ -142,12 +142,7 @@ impl RestoreController {
         };
         let (progress, result, cancel) =
             (job.progress.clone(), job.result.clone(), job.cancel.clone());
-        let (url, id, dest, rname) = (
-            url.to_owned(),
-            id.to_owned(),
-            dir.to_owned(),
-            name.clone(),
-        );
+        let (url, id, dest, rname) = (url.to_owned(), id.to_owned(), dir.to_owned(), name.clone());
         info!(replica = %name, backup = %id, dir = %dest.display(), "restoring replica");
         tokio::spawn(async move {
             let r = async {
@@ -167,7 +162,9 @@ impl RestoreController {
             .await;
             match &r {
                 Ok(()) => info!(replica = %rname, backup = %id, "replica restored"),
-                Err(e) => warn!(replica = %rname, backup = %id, error = %e, "replica restore failed"),
+                Err(e) => {
+                    warn!(replica = %rname, backup = %id, error = %e, "replica restore failed")
+                }
             }
             *result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
         });
