@@ -216,5 +216,60 @@ fn backup_restore_and_recurring_snapshots() {
             .count();
         (n == 2).then_some(())
     });
+
+    // A recurring backup job every three seconds keeps one backup in the target.
+    c.api
+        .post(
+            "/v1/recurringjobs",
+            json!({"name": "bk3s", "task": "backup", "cron": "*/3 * * * * *",
+                   "retain": 1, "volumes": ["src"]}),
+        )
+        .ok();
+    let job_backups = || -> Vec<Value> {
+        items(&c.api.get("/v1/backups?volume=src").ok())
+            .into_iter()
+            .filter(|b| b["spec"]["labels"]["recurring-job"] == "bk3s")
+            .collect()
+    };
+    let mut completed = BTreeSet::new();
+    wait_for_value(Duration::from_secs(60), "three recurring backups", || {
+        for b in job_backups() {
+            assert_ne!(
+                b["status"]["state"], "error",
+                "recurring backup failed: {b}"
+            );
+            if b["status"]["state"] == "completed" {
+                completed.insert(
+                    b["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+        }
+        (completed.len() >= 3).then_some(())
+    });
+    let del = c.api.delete("/v1/recurringjobs/bk3s");
+    assert!(del.status < 300, "{}", del.text);
+    let kept = wait_for_value(Duration::from_secs(60), "one recurring backup kept", || {
+        let all = job_backups();
+        (all.len() == 1 && all[0]["status"]["state"] == "completed").then_some(all)
+    });
+    let kept_id = kept[0]["metadata"]["annotations"]["ironhorn.io/backup-id"]
+        .as_str()
+        .expect("backup id")
+        .to_owned();
+    // The target holds exactly that one backup of src (bk1 and the older ones are gone).
+    let listed = backup_json(&target, &["ls", "--volume", "src"]);
+    let text = listed.to_string();
+    assert!(
+        text.contains(&kept_id),
+        "{kept_id} not in the target: {listed}"
+    );
+    assert_eq!(
+        text.matches("bk-").count(),
+        1,
+        "one backup of src in the target: {listed}"
+    );
     eprintln!("cluster_backup took {:?}", started.elapsed());
 }

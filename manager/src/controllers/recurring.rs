@@ -108,6 +108,13 @@ impl RecurringJobController {
             list.sort_by_key(|b| age_key(*b));
             let excess = list.len().saturating_sub(keep);
             for b in &list[..excess] {
+                // An unfinished backup is removed once it ended (its id is known then).
+                let finished = b.status.as_ref().is_some_and(|st| {
+                    matches!(st.state, BackupState::Completed | BackupState::Error)
+                });
+                if !finished {
+                    continue;
+                }
                 info!(job = %jname, backup = %b.name_any(), "retention: deleting an old backup");
                 delete::<Backup>(&ctx.store, &b.name_any()).await?;
             }
