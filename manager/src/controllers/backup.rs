@@ -120,11 +120,39 @@ impl BackupController {
         None
     }
 
-    async fn reconcile_deleted(&self, ctx: &Context, b: &Backup) -> Result<(), ControllerError> {
+    async fn reconcile_deleted(
+        &self,
+        ctx: &Context,
+        world: &World,
+        b: &Backup,
+        url_now: &str,
+    ) -> Result<(), ControllerError> {
         let name = b.name_any();
-        let ann = b.annotations();
-        let done = match (ann.get(BACKUP_ID_ANNOTATION), ann.get(TARGET_ANNOTATION)) {
-            (Some(id), Some(url)) if !url.is_empty() => {
+        let ann = b.annotations().clone();
+        let mut found = None;
+        if !ann.contains_key(BACKUP_ID_ANNOTATION)
+            && b.status
+                .as_ref()
+                .is_some_and(|s| s.state == BackupState::InProgress)
+        {
+            // Deleted while uploading: wait for the engine's job to end, so the backup it
+            // writes is removed too.
+            match running_job(ctx, world, b, url_now).await {
+                Some(j) if j.state == "running" => return Ok(()),
+                Some(j) if j.state == "done" && !j.backup_id.is_empty() => {
+                    found = Some((j.backup_id, url_now.to_owned()));
+                }
+                _ => {}
+            }
+        }
+        let ids = found.or_else(|| {
+            Some((
+                ann.get(BACKUP_ID_ANNOTATION)?.clone(),
+                ann.get(TARGET_ANNOTATION)?.clone(),
+            ))
+        });
+        let done = match ids {
+            Some((id, url)) if !url.is_empty() => {
                 match self.delete_from_target(&name, url.clone(), id.clone()) {
                     Some(Ok(())) => true,
                     Some(Err(e)) => {
@@ -161,6 +189,26 @@ impl BackupController {
     }
 }
 
+/// The engine's newest job for this backup's snapshot and target, if its engine runs.
+async fn running_job(
+    ctx: &Context,
+    world: &World,
+    b: &Backup,
+    url: &str,
+) -> Option<ironhorn_proto::engine::BackupStatus> {
+    let snap = b.spec.snapshot.as_deref()?;
+    let addr = world
+        .engine_of(&b.spec.volume)
+        .and_then(|e| e.status.as_ref())
+        .filter(|s| s.state == InstanceState::Running)
+        .and_then(|s| s.control_address.clone())?;
+    let info = ctx.engines.info(&addr).await.ok()?;
+    info.backups
+        .into_iter()
+        .filter(|j| j.snapshot == snap && j.target == url)
+        .max_by_key(|j| j.job)
+}
+
 fn is_not_found(e: &ironhorn_backup::BackupError) -> bool {
     matches!(e, ironhorn_backup::BackupError::BackupNotFound(_))
 }
@@ -182,7 +230,7 @@ impl Controller for BackupController {
         for b in &backups {
             let name = b.name_any();
             if b.metadata.deletion_timestamp.is_some() {
-                self.reconcile_deleted(ctx, b).await?;
+                self.reconcile_deleted(ctx, world, b, &url).await?;
                 continue;
             }
             let old = b.status.clone().unwrap_or_default();
