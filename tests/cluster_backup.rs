@@ -4,7 +4,8 @@
 //! restore controller fills each replica before it starts), attached on another node and
 //! compared byte for byte with the original (nbdcopy); the backup is then deleted and gone
 //! from the target. A recurring snapshot job firing every two seconds keeps only `retain`
-//! snapshots.
+//! snapshots, a recurring backup job keeps one backup in the target, and a new control
+//! plane pointed at the same target lists that backup and restores it byte for byte.
 
 mod backup_support;
 mod cluster_common;
@@ -261,15 +262,51 @@ fn backup_restore_and_recurring_snapshots() {
         .to_owned();
     // The target holds exactly that one backup of src (bk1 and the older ones are gone).
     let listed = backup_json(&target, &["ls", "--volume", "src"]);
-    let text = listed.to_string();
-    assert!(
-        text.contains(&kept_id),
-        "{kept_id} not in the target: {listed}"
-    );
+    let ids: Vec<&str> = listed
+        .as_array()
+        .map(|a| a.iter().filter_map(|b| b["id"].as_str()).collect())
+        .unwrap_or_default();
     assert_eq!(
-        text.matches("bk-").count(),
-        1,
+        ids,
+        [kept_id.as_str()],
         "one backup of src in the target: {listed}"
+    );
+    drop(c);
+
+    // A new control plane pointed at the same target finds the backup and restores it.
+    let c2 = Cluster::start(1, &[]);
+    c2.api
+        .put(
+            "/v1/backuptarget",
+            json!({"url": target, "pollIntervalSeconds": 1}),
+        )
+        .ok();
+    let found = kept_id.to_lowercase();
+    wait_for_value(
+        Duration::from_secs(30),
+        "the backup listed from the target",
+        || {
+            let a = c2.api.get(&format!("/v1/backups/{found}"));
+            (a.status == 200 && a.ok()["status"]["state"] == "completed").then_some(())
+        },
+    );
+    let t = c2.api.get("/v1/backuptarget").ok();
+    assert_eq!(t["status"]["available"], true, "{t}");
+    c2.api
+        .post(
+            &format!("/v1/backups/{found}/restore"),
+            json!({"name": "again", "numberOfReplicas": 1}),
+        )
+        .ok();
+    c2.wait_volume("again", Duration::from_secs(60), "again restored", |v| {
+        condition(v, "Restored").as_deref() == Some("True")
+    });
+    c2.attach("again", "node-1");
+    let uri3 = c2.wait_attached("again");
+    let again = read_all(&uri3, &tmp.path().join("again.raw"));
+    assert!(
+        again == original,
+        "the backup restored on a new control plane differs"
     );
     eprintln!("cluster_backup took {:?}", started.elapsed());
 }

@@ -42,6 +42,24 @@ type Jobs = Arc<Mutex<HashMap<String, Option<Result<(), String>>>>>;
 #[derive(Debug, Default)]
 pub struct BackupController {
     deletions: Jobs,
+    sync: Mutex<SyncState>,
+    /// Ids this controller removed from the target (a listing taken before must not bring
+    /// them back).
+    removed: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Seconds between listings of the target when the BackupTarget names none.
+pub const DEFAULT_POLL_SECONDS: u64 = 300;
+
+type Listing = Result<Vec<ironhorn_backup::BackupSummary>, String>;
+
+/// The periodic listing of the target.
+#[derive(Debug, Default)]
+struct SyncState {
+    url: String,
+    running: bool,
+    started: Option<std::time::Instant>,
+    result: Arc<Mutex<Option<Listing>>>,
 }
 
 /// The default backup target's URL, empty when none is set.
@@ -154,7 +172,13 @@ impl BackupController {
         let done = match ids {
             Some((id, url)) if !url.is_empty() => {
                 match self.delete_from_target(&name, url.clone(), id.clone()) {
-                    Some(Ok(())) => true,
+                    Some(Ok(())) => {
+                        self.removed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id.clone());
+                        true
+                    }
                     Some(Err(e)) => {
                         patch_status::<Backup, _>(&ctx.store, &name, |o| {
                             let st = o.status.get_or_insert_with(Default::default);
@@ -182,6 +206,167 @@ impl BackupController {
                 if let Some(f) = o.metadata.finalizers.as_mut() {
                     f.retain(|f| f != FINALIZER);
                 }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+impl BackupController {
+    /// Lists the target every poll interval (in the background) and adds a Backup
+    /// resource, `completed`, for each backup there that no resource names — so backups
+    /// survive a reinstall of the control plane and can be restored. Records the target's
+    /// availability in the BackupTarget's status.
+    async fn sync_target(
+        &self,
+        ctx: &Context,
+        t: &BackupTarget,
+        backups: &[Backup],
+    ) -> Result<(), ControllerError> {
+        let url = t.spec.url.clone();
+        let poll = Duration::from_secs(match t.spec.poll_interval_seconds {
+            0 => DEFAULT_POLL_SECONDS,
+            n => n,
+        });
+        let listing = {
+            let mut g = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+            let mut finished = g.result.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if finished.is_some() {
+                g.running = false;
+            }
+            if g.url != url {
+                // A listing of another URL is of no use.
+                finished = None;
+                g.running = false;
+                g.started = None;
+                g.url = url.clone();
+                g.result = Arc::new(Mutex::new(None));
+            }
+            if !g.running && g.started.is_none_or(|s| s.elapsed() >= poll) {
+                g.running = true;
+                g.started = Some(std::time::Instant::now());
+                let (slot, u) = (g.result.clone(), url.clone());
+                tokio::spawn(async move {
+                    let r = async {
+                        let target = open_target(&u)?;
+                        match tokio::time::timeout(
+                            Duration::from_secs(60),
+                            target.list_backups(None),
+                        )
+                        .await
+                        {
+                            Ok(r) => r.map_err(|e| e.to_string()),
+                            Err(_) => Err("no answer in 60 s".to_owned()),
+                        }
+                    }
+                    .await;
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                });
+            }
+            finished
+        };
+        let Some(listing) = listing else {
+            return Ok(());
+        };
+        let mut st = t.status.clone().unwrap_or_default();
+        match listing {
+            Err(e) => {
+                warn!(target = %url, error = %e, "list the backup target");
+                st.available = false;
+                set_condition(
+                    &mut st.conditions,
+                    "Available",
+                    ConditionStatus::False,
+                    "ListFailed",
+                    &e,
+                );
+            }
+            Ok(list) => {
+                st.available = true;
+                st.last_synced_at = Some(now());
+                set_condition(
+                    &mut st.conditions,
+                    "Available",
+                    ConditionStatus::True,
+                    "Listed",
+                    &format!("{} backup(s) in the target", list.len()),
+                );
+                let known: std::collections::HashSet<&str> = backups
+                    .iter()
+                    .filter_map(|b| b.annotations().get(BACKUP_ID_ANNOTATION))
+                    .map(String::as_str)
+                    .collect();
+                // Backups being taken (their id not recorded yet).
+                let taking: std::collections::HashSet<(&str, &str)> = backups
+                    .iter()
+                    .filter(|b| !b.annotations().contains_key(BACKUP_ID_ANNOTATION))
+                    .filter_map(|b| Some((b.spec.volume.as_str(), b.spec.snapshot.as_deref()?)))
+                    .collect();
+                let removed = self
+                    .removed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                for s in list {
+                    if known.contains(s.id.as_str())
+                        || removed.contains(&s.id)
+                        || taking.contains(&(s.volume.as_str(), s.snapshot.as_str()))
+                    {
+                        continue;
+                    }
+                    let name = s.id.to_lowercase();
+                    let mut b = Backup::new(
+                        &name,
+                        crate::resources::BackupSpec {
+                            volume: s.volume.clone(),
+                            snapshot: Some(s.snapshot.clone()),
+                            labels: s.labels.clone(),
+                        },
+                    );
+                    b.metadata.annotations = Some(BTreeMap::from([
+                        (BACKUP_ID_ANNOTATION.to_owned(), s.id.clone()),
+                        (TARGET_ANNOTATION.to_owned(), url.clone()),
+                    ]));
+                    b.metadata.finalizers = Some(vec![FINALIZER.to_owned()]);
+                    match ctx.store.create(&b).await {
+                        Ok(_) => {}
+                        Err(crate::store::StoreError::AlreadyExists { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                    let status = BackupStatus {
+                        state: BackupState::Completed,
+                        progress: 100,
+                        snapshot: Some(s.snapshot.clone()),
+                        url: Some(format!("{url}#{}/{}", s.volume, s.id)),
+                        size: s.stored_volume_bytes,
+                        uploaded_bytes: s.uploaded_bytes,
+                        volume_size: s.size,
+                        completed_at: jiff::Timestamp::from_millisecond(s.created_unix_ms)
+                            .ok()
+                            .map(Time),
+                        error: None,
+                        conditions: Vec::new(),
+                    };
+                    patch_status::<Backup, _>(&ctx.store, &name, |o| {
+                        let mut st = status.clone();
+                        set_condition(
+                            &mut st.conditions,
+                            "Ready",
+                            ConditionStatus::True,
+                            "FoundInTarget",
+                            "listed in the backup target",
+                        );
+                        o.status = Some(st);
+                    })
+                    .await?;
+                    info!(backup = %name, id = %s.id, volume = %s.volume, "backup found in the target");
+                }
+            }
+        }
+        if t.status.as_ref() != Some(&st) {
+            patch_status::<BackupTarget, _>(&ctx.store, DEFAULT_BACKUP_TARGET, |o| {
+                o.status = Some(st.clone());
             })
             .await?;
         }
@@ -221,10 +406,16 @@ impl Controller for BackupController {
 
     async fn reconcile(&self, ctx: &Context, world: &World) -> Result<(), ControllerError> {
         let backups = ctx.store.list::<Backup>().await?;
+        let target = ctx.store.get::<BackupTarget>(DEFAULT_BACKUP_TARGET).await?;
+        if let Some(t) = &target
+            && !t.spec.url.is_empty()
+        {
+            self.sync_target(ctx, t, &backups).await?;
+        }
         if backups.is_empty() {
             return Ok(());
         }
-        let url = target_url(ctx).await?;
+        let url = target.map(|t| t.spec.url).unwrap_or_default();
         let mut infos: BTreeMap<String, Option<ironhorn_proto::engine::EngineInfo>> =
             BTreeMap::new();
         for b in &backups {
