@@ -8,12 +8,12 @@
 //!   now, Kubernetes later): get, list, create, update with a resource-version check,
 //!   status updates, delete with finalizers, watch.
 
+pub mod agent;
 pub mod api;
 pub mod client;
+pub mod controllers;
 pub mod resources;
+pub mod scheduler;
 pub mod server;
 pub mod settings;
 pub mod store;
-pub mod agent;
-pub mod controllers;
-pub mod scheduler;

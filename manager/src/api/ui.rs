@@ -106,10 +106,19 @@ pub fn respond(asset: &'static Asset, request_headers: &HeaderMap) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(header::ETAG, HeaderValue::from_static(asset.etag));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     if asset.content_type == HTML {
-        headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        );
         headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     }
     let fresh = request_headers
@@ -124,7 +133,10 @@ pub fn respond(asset: &'static Asset, request_headers: &HeaderMap) -> Response {
     if fresh {
         return (StatusCode::NOT_MODIFIED, headers).into_response();
     }
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(asset.content_type),
+    );
     (StatusCode::OK, headers, asset.body).into_response()
 }
 
@@ -174,7 +186,9 @@ mod tests {
         let served: Vec<&String> = files
             .iter()
             .filter(|f| {
-                [".html", ".js", ".css", ".svg"].iter().any(|e| f.ends_with(e))
+                [".html", ".js", ".css", ".svg"]
+                    .iter()
+                    .any(|e| f.ends_with(e))
                     && !f.starts_with("screenshots/")
             })
             .collect();
