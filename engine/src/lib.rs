@@ -8,6 +8,7 @@
 //! - [`control`]: the `EngineControl` gRPC service.
 //! - [`error`]: errors of control operations.
 //! - [`inflight`]: ordering of overlapping in-flight writes.
+//! - [`stats`]: cumulative I/O counters reported by `Info`.
 
 pub mod control;
 pub mod device;
@@ -15,5 +16,6 @@ pub mod error;
 pub mod inflight;
 pub mod nbd;
 pub mod replica_client;
+pub mod stats;
 pub mod ublk;
 pub mod volume;

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::join_all;
@@ -32,6 +32,7 @@ use crate::device::{BlockDevice, DeviceError, DeviceResult, Extent};
 use crate::error::EngineError;
 use crate::inflight::InFlight;
 use crate::replica_client::{ReplicaDataClient, ReplicaIoError};
+use crate::stats::{IoCounters, IoKind, IoStats};
 
 /// Default time a replica has to answer one request before it is dropped.
 pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(4);
@@ -213,6 +214,7 @@ pub struct Volume {
     read_rr: AtomicUsize,
     rebuilding: Arc<tokio::sync::Mutex<()>>,
     inflight: InFlight,
+    io: IoStats,
 }
 
 async fn connect_control(
@@ -301,6 +303,7 @@ impl Volume {
             read_rr: AtomicUsize::new(0),
             rebuilding: Arc::new(tokio::sync::Mutex::new(())),
             inflight: InFlight::default(),
+            io: IoStats::default(),
         };
         let probes = join_all(config.replicas.iter().map(|a| vol.probe(a))).await;
         let mut members = Vec::new();
@@ -596,6 +599,11 @@ impl Volume {
             at += u64::from(n);
         }
         Ok(())
+    }
+
+    /// I/O counters of the frontend requests served so far.
+    pub fn io_stats(&self) -> IoCounters {
+        self.io.snapshot()
     }
 
     /// Current size in bytes.
@@ -1077,28 +1085,45 @@ impl BlockDevice for Volume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> DeviceResult<Bytes> {
-        self.read_impl(offset, len).await
+        let t = Instant::now();
+        let r = self.read_impl(offset, len).await;
+        self.io.record(IoKind::Read, u64::from(len), t, r.is_ok());
+        r
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
-        let _order = self.inflight.acquire(offset, data.len() as u64).await;
+        let t = Instant::now();
+        let len = data.len() as u64;
+        let _order = self.inflight.acquire(offset, len).await;
         // One crc for every replica the write goes to.
         let data = Checksummed::new(data);
         let data = &data;
-        self.mutate(|d| async move { d.write(offset, data, fua).await })
-            .await
+        let r = self
+            .mutate(|d| async move { d.write(offset, data, fua).await })
+            .await;
+        self.io.record(IoKind::Write, len, t, r.is_ok());
+        r
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> DeviceResult<()> {
-        self.zero_in_pieces(offset, len, false, fua).await
+        let t = Instant::now();
+        let r = self.zero_in_pieces(offset, len, false, fua).await;
+        self.io.record(IoKind::Unmap, len, t, r.is_ok());
+        r
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> DeviceResult<()> {
-        self.zero_in_pieces(offset, len, true, fua).await
+        let t = Instant::now();
+        let r = self.zero_in_pieces(offset, len, true, fua).await;
+        self.io.record(IoKind::Unmap, len, t, r.is_ok());
+        r
     }
 
     async fn flush(&self) -> DeviceResult<()> {
-        self.mutate(|d| async move { d.flush().await }).await
+        let t = Instant::now();
+        let r = self.mutate(|d| async move { d.flush().await }).await;
+        self.io.record(IoKind::Flush, 0, t, r.is_ok());
+        r
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> DeviceResult<Vec<Extent>> {
