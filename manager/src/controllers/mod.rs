@@ -8,6 +8,7 @@
 //! - [`volume`]: replicas per `numberOfReplicas` (through [`crate::scheduler`]), healing,
 //!   attach/detach (the engine), expand, revert, robustness, deletion and orphan cleanup.
 //! - [`snapshot`]: snapshots taken and removed through the engine.
+//! - [`stats`]: volume I/O rates from the engine's counters (used by [`volume`]).
 //! - [`backup`]: backups taken through the engine to the backup target, removed from it.
 //! - [`restore`]: replicas of a volume created from a backup filled before they start.
 //! - [`recurring`]: recurring jobs (snapshots, backups) on a [`cron`] schedule, retention.
@@ -26,6 +27,7 @@ pub mod replica_client;
 pub mod restore;
 pub mod settings;
 pub mod snapshot;
+pub mod stats;
 pub mod volume;
 pub mod world;
 
@@ -64,6 +66,8 @@ pub struct Context {
     pub liveness: Liveness,
     /// Engine clients.
     pub engines: Engines,
+    /// Last I/O counters of each attached volume.
+    pub stats: Arc<stats::Sampler>,
 }
 
 /// One reconciler. A pass looks at the whole cluster and does what is due; it must be
@@ -184,6 +188,7 @@ pub async fn run_control_plane(
         store: store.clone(),
         liveness: liveness.clone(),
         engines: Engines::default(),
+        stats: Arc::default(),
     };
     let addr = agent_listener.local_addr().ok();
     tracing::info!(address = ?addr, controllers = ?registry, "agent service listening");

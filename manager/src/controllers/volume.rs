@@ -17,7 +17,8 @@
 //!    engine dropped whose process is back) is added to the engine and rebuilt online; an
 //!    engine member that is no replica of the volume is removed; expand and revert go
 //!    through the engine.
-//! 7. **Status**: state, robustness, endpoint, rebuild progress, conditions.
+//! 7. **Status**: state, robustness, endpoint, rebuild progress, conditions, I/O stats
+//!    ([`super::stats`], sampled from the engine every couple of seconds).
 //!
 //! Replicas and engines whose volume no longer exists are deleted (their agents stop the
 //! processes and remove the data).
@@ -210,6 +211,22 @@ async fn reconcile_volume(
         },
         None => None,
     };
+    let mut stats_changed = false;
+    match (&engine_addr, info.as_ref().and_then(|i| i.io.as_ref())) {
+        (None, _) => {
+            ctx.stats.forget(&name);
+            stats_changed = st.stats.take().is_some();
+        }
+        (Some(_), Some(io)) => {
+            if let Some(new) = ctx.stats.observe(&name, io, std::time::Instant::now())
+                && super::stats::changed(st.stats.as_ref(), &new)
+            {
+                st.stats = Some(new);
+                stats_changed = true;
+            }
+        }
+        (Some(_), None) => {}
+    }
     let mut replicas: Vec<Replica> = world.replicas_of(&name).cloned().collect();
     let by_addr: BTreeMap<String, String> = replicas
         .iter()
@@ -798,7 +815,9 @@ async fn reconcile_volume(
                 n.restore_progress = prev.restore_progress;
                 n.last_backup = prev.last_backup.clone();
                 n.last_backup_at = prev.last_backup_at.clone();
-                n.stats = prev.stats.clone();
+                if !stats_changed {
+                    n.stats = prev.stats.clone();
+                }
                 for c in &prev.conditions {
                     if !n.conditions.iter().any(|x| x.type_ == c.type_) {
                         n.conditions.push(c.clone());
