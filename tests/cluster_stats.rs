@@ -42,8 +42,14 @@ fn fio_writes_show_in_volume_stats_and_metrics() {
             .then(|| s.clone())
     });
     assert!(stats["writeOpsTotal"].as_u64().unwrap_or(0) > 0, "{stats}");
-    assert!(stats["writeBytesTotal"].as_u64().unwrap_or(0) > 0, "{stats}");
-    assert!(stats["writeLatencyMicros"].as_f64().unwrap_or(0.0) > 0.0, "{stats}");
+    assert!(
+        stats["writeBytesTotal"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    assert!(
+        stats["writeLatencyMicros"].as_f64().unwrap_or(0.0) > 0.0,
+        "{stats}"
+    );
     let iops = wait_for_value(Duration::from_secs(10), "write IOPS in /metrics", || {
         let m = c.api.get("/metrics");
         assert_eq!(m.status, 200, "{}", m.text);
