@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn emits_block_yaml() {
         // Keys in sorted order, so the test holds with or without serde_json's
-        // preserve_order feature.
+        // preserve_order feature. `n` is quoted: YAML 1.1 reads a bare `n` as false.
         let doc = json!({
             "apiVersion": "v1",
             "kind": "Thing",
@@ -181,7 +181,7 @@ mod tests {
         });
         let text = yaml_documents(&[doc]);
         let expected = format!(
-            "{HEADER}---\napiVersion: v1\nkind: Thing\nn: null\nspec:\n  empty: {{}}\n  list:\n  - a: 1\n    b: \"two words\"\n  - x\n  none: []\n  t: \"true\"\n"
+            "{HEADER}---\napiVersion: v1\nkind: Thing\n\"n\": null\nspec:\n  empty: {{}}\n  list:\n  - a: 1\n    b: \"two words\"\n  - x\n  none: []\n  t: \"true\"\n"
         );
         assert_eq!(text, expected);
     }
