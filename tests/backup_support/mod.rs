@@ -3,11 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use ironhorn_replica::Store;
 use serde_json::Value;
@@ -17,83 +14,10 @@ use crate::common::{CmdOutput, bin, run_with_timeout};
 /// Seconds one `ironhorn backup` command may run.
 pub const BACKUP_TIMEOUT_SECS: u64 = 180;
 
-/// moto's S3 server on 127.0.0.1 (installed by .ci/run), killed on drop.
-pub struct Moto {
-    child: Child,
-    /// Its port.
-    pub port: u16,
-}
-
-impl Moto {
-    /// Starts moto's server on a free port and waits until it accepts connections.
-    pub fn start() -> Moto {
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            // `python3 -m moto.server` works whether or not the `moto_server` script is
-            // on PATH (pyenv shims).
-            let child = Command::new("python3")
-                .args([
-                    "-m",
-                    "moto.server",
-                    "-H",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("python3 not found (moto: pip install 'moto[server]', .ci/run does)");
-            let mut m = Moto { child, port };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = m.child.try_wait() {
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return m;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        panic!("moto_server did not start");
-    }
-
-    /// Creates `bucket` (moto takes an unsigned request for that).
-    pub fn create_bucket(&self, bucket: &str) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .unwrap();
-        let mut resp = String::new();
-        let _ = s.read_to_string(&mut resp);
-        assert!(resp.starts_with("HTTP/1.1 200"), "create bucket: {resp}");
-    }
-
-    /// Target URL of `bucket/prefix` on this server.
-    pub fn url(&self, bucket: &str, prefix: &str) -> String {
-        format!(
-            "s3://{bucket}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1",
-            self.port
-        )
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// moto's S3 server: the backup library tests' copy, so there is one.
+#[path = "../../backup/tests/common/moto.rs"]
+mod moto;
+pub use moto::Moto;
 
 /// `ironhorn backup ARGS --target URL`, with the credentials moto accepts.
 pub fn backup_cmd(target: &str, args: &[&str]) -> Command {
