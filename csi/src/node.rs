@@ -25,6 +25,10 @@ use crate::pb::node_service_capability::rpc::Type as NodeCap;
 
 /// Key of the NBD export URI in ControllerPublishVolume's `publish_context`.
 pub const PUBLISH_NBD_URI: &str = "nbdUri";
+/// Key of the ublk block device (`/dev/ublkbN`) in `publish_context`, present when the
+/// engine on this node serves the volume through ublk; the node then uses that device
+/// rather than attaching the NBD export.
+pub const PUBLISH_UBLK_DEVICE: &str = "ublkDevice";
 /// Key of the filesystem type in `volume_context` (from the StorageClass `fsType`).
 pub const CONTEXT_FS_TYPE: &str = "fsType";
 /// Key of extra mkfs options in `volume_context` (from the StorageClass `mkfsParams`).
@@ -106,15 +110,25 @@ impl NodeOps {
         let volume = required(&req.volume_id, "volume id")?;
         let staging = Path::new(required(&req.staging_target_path, "staging target path")?);
         let cap = required_capability(req.volume_capability.as_ref())?;
-        let uri = req
+        // The engine's ublk device when it serves one here, the NBD export otherwise.
+        let uri = match req
             .publish_context
-            .get(PUBLISH_NBD_URI)
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| {
-                invalid(format!(
-                    "publish context has no {PUBLISH_NBD_URI} (was the volume published to this node?)"
-                ))
-            })?;
+            .get(PUBLISH_UBLK_DEVICE)
+            .filter(|d| !d.is_empty())
+        {
+            Some(dev) => format!("{}{dev}", crate::device::ublk::URI_PREFIX),
+            None => req
+                .publish_context
+                .get(PUBLISH_NBD_URI)
+                .filter(|u| !u.is_empty())
+                .cloned()
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "publish context has no {PUBLISH_NBD_URI} (was the volume published to this node?)"
+                    ))
+                })?,
+        };
+        let uri = uri.as_str();
         let fs_request = match &cap.access {
             Access::Mount { fs_type, flags } => {
                 let fs = if fs_type.is_empty() {
@@ -532,7 +546,7 @@ impl NodeOps {
             .refresh_size(volume, &att)
             .map_err(|e| CsiError::device("refresh the device's size", e))?;
         if (size as i64) < required_bytes {
-            let how = if self.scheme.grows_online() {
+            let how = if self.scheme.grows_online(&att) {
                 "the device has not grown yet; retry"
             } else {
                 "this attach scheme cannot grow an attached device: unstage and stage the volume again (offline expansion)"

@@ -56,6 +56,11 @@ pub struct AgentArgs {
     /// and a restarted agent adopts them).
     #[arg(long)]
     stop_instances_on_exit: bool,
+
+    /// Never expose volumes as ublk devices on this node, even when the kernel has the
+    /// ublk driver (volumes with frontend `auto` then use NBD here).
+    #[arg(long, env = "IRONHORN_NO_UBLK")]
+    no_ublk: bool,
 }
 
 /// Parses `FIRST-LAST`.
@@ -111,6 +116,7 @@ impl AgentArgs {
                 state_dir,
                 host: self.address,
                 ports: parse_ports(&self.ports)?,
+                ublk: !self.no_ublk,
             },
             stop_instances_on_exit: self.stop_instances_on_exit,
         };

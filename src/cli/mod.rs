@@ -10,6 +10,7 @@ mod nbd;
 mod node;
 mod replica;
 mod setting;
+mod ublk;
 mod up;
 mod volume;
 
@@ -52,6 +53,9 @@ enum Command {
     /// restarts), list, detach.
     #[command(subcommand)]
     Nbd(nbd::NbdCommand),
+    /// The node's ublk devices: list them, delete one left behind by a dead engine.
+    #[command(subcommand)]
+    Ublk(ublk::UblkCommand),
     /// Volumes through the manager's API: create, ls, get, rm, attach, detach, expand,
     /// snapshot …, backup …, replica ….
     Volume(volume::VolumeArgs),
@@ -79,6 +83,7 @@ impl Cli {
             Command::Csi(args) => args.run().await,
             Command::Crd(args) => args.run().await,
             Command::Nbd(cmd) => cmd.run().await,
+            Command::Ublk(cmd) => cmd.run().await,
             Command::Volume(args) => args.run().await,
             Command::Node(args) => args.run().await,
             Command::Setting(args) => args.run().await,

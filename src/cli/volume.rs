@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use ironhorn_manager::client::{Client, CreateBackup, CreateSnapshot, CreateVolume, RestoreBackup};
 use ironhorn_manager::resources::Object;
-use ironhorn_manager::resources::Volume;
+use ironhorn_manager::resources::{Frontend, Volume};
 use serde::Serialize;
 
 use crate::size::ByteSize;
@@ -137,6 +137,11 @@ enum VolumeCommand {
         /// Restore from this backup.
         #[arg(long)]
         from_backup: Option<String>,
+        /// How the volume is exposed where it is attached: nbd (default), ublk
+        /// (/dev/ublkbN too; the node needs the ublk driver) or auto (ublk where the
+        /// node has it).
+        #[arg(long, value_parser = parse_frontend)]
+        frontend: Option<Frontend>,
     },
     /// List volumes.
     Ls,
@@ -264,6 +269,16 @@ enum ReplicaCommand {
     },
 }
 
+/// Parses `--frontend`: nbd, ublk or auto.
+fn parse_frontend(s: &str) -> Result<Frontend, String> {
+    match s {
+        "nbd" => Ok(Frontend::Nbd),
+        "ublk" => Ok(Frontend::Ublk),
+        "auto" => Ok(Frontend::Auto),
+        other => Err(format!("unknown frontend {other:?} (nbd, ublk or auto)")),
+    }
+}
+
 fn volumes_table(vols: &[Volume]) -> Table {
     let mut t = Table::new(&[
         "NAME",
@@ -272,7 +287,7 @@ fn volumes_table(vols: &[Volume]) -> Table {
         "STATE",
         "ROBUSTNESS",
         "NODE",
-        "ENDPOINT",
+        "DEVICE/ENDPOINT",
     ]);
     for v in vols {
         let s = v.status.clone().unwrap_or_default();
@@ -285,7 +300,7 @@ fn volumes_table(vols: &[Volume]) -> Table {
             s.current_node
                 .or(v.spec.node_id.clone())
                 .unwrap_or_else(|| "-".into()),
-            s.endpoint.unwrap_or_else(|| "-".into()),
+            s.device.or(s.endpoint).unwrap_or_else(|| "-".into()),
         ]);
     }
     t
@@ -302,10 +317,12 @@ impl VolumeArgs {
                 size,
                 replicas,
                 from_backup,
+                frontend,
             } => {
                 let mut req = CreateVolume::named(name, size.bytes());
                 req.number_of_replicas = replicas;
                 req.from_backup = from_backup;
+                req.frontend = frontend;
                 let v = c.create_volume(&req).await?;
                 out.print(&v, || volumes_table(std::slice::from_ref(&v)))
             }

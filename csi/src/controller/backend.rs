@@ -21,6 +21,8 @@ pub struct VolumeRecord {
     pub current_node: Option<String>,
     /// `nbd://HOST:PORT/NAME` while attached.
     pub endpoint: Option<String>,
+    /// `/dev/ublkbN` on the attached node, when the volume is served through ublk there.
+    pub device: Option<String>,
     /// Lifecycle state as text (`creating`, `detached`, `attached`, …).
     pub state: String,
     /// Backup the volume was restored from.
@@ -60,6 +62,8 @@ pub struct NewVolume {
     pub node_selector: Vec<String>,
     /// Backup to restore from.
     pub from_backup: Option<String>,
+    /// `auto`, `nbd` or `ublk` (None: `auto`).
+    pub frontend: Option<String>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
 }

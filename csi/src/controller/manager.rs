@@ -4,7 +4,8 @@ use std::time::SystemTime;
 
 use ironhorn_manager::client::{Client, ClientError, CreateBackup, CreateSnapshot, CreateVolume};
 use ironhorn_manager::resources::{
-    Backup, BackupState, ConditionStatus, DataLocality, Node, Snapshot, Volume, VolumeState,
+    Backup, BackupState, ConditionStatus, DataLocality, Frontend, Node, Snapshot, Volume,
+    VolumeState,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -74,6 +75,7 @@ fn volume_record(v: Volume) -> VolumeRecord {
         wanted_node: v.spec.node_id,
         current_node: status.current_node,
         endpoint: status.endpoint,
+        device: status.device,
         state: state_name(status.state).to_owned(),
         from_backup: v.spec.from_backup,
         labels: v.spec.labels,
@@ -131,6 +133,11 @@ impl ManagerApi for ManagerClient {
         req.node_selector = volume.node_selector.clone();
         req.stale_replica_timeout_seconds = volume.stale_replica_timeout_seconds.unwrap_or(0);
         req.from_backup = volume.from_backup.clone();
+        req.frontend = Some(match volume.frontend.as_deref() {
+            Some("nbd") => Frontend::Nbd,
+            Some("ublk") => Frontend::Ublk,
+            _ => Frontend::Auto,
+        });
         req.labels = volume.labels.clone();
         let v = self.client.create_volume(&req).await.map_err(api_error)?;
         Ok(volume_record(v))

@@ -5,7 +5,8 @@
 //!   repeated CreateVolume finds what the first made.
 //! - ControllerPublishVolume asks the manager to attach the volume to the node (an engine
 //!   starts there) and waits until it serves; the NBD URI goes to the node in the publish
-//!   context (`nbdUri`).
+//!   context (`nbdUri`), and so does the ublk device (`ublkDevice`) when the engine serves
+//!   one (volume frontend `auto` on a node whose kernel has ublk, or `ublk`).
 //! - Snapshot ids are `snap/VOLUME/NAME` (an ironhorn snapshot) or `bak/NAME` (a backup), chosen by
 //!   the VolumeSnapshotClass parameter `type`.
 //! - A call on an object another call is working on fails with ABORTED (the CO retries).
@@ -27,7 +28,7 @@ use self::params::SnapshotKind;
 use crate::capability::{self, Access};
 use crate::error::{CsiError, invalid};
 use crate::guard::VolumeLocks;
-use crate::node::PUBLISH_NBD_URI;
+use crate::node::{PUBLISH_NBD_URI, PUBLISH_UBLK_DEVICE};
 use crate::pb;
 use crate::pb::controller_server::Controller;
 use crate::pb::controller_service_capability::rpc::Type as Cap;
@@ -383,10 +384,16 @@ impl ControllerService {
             })
             .await?;
         let uri = v.endpoint.clone().unwrap_or_default();
-        tracing::info!(uri, "published");
-        Ok(pb::ControllerPublishVolumeResponse {
-            publish_context: HashMap::from([(PUBLISH_NBD_URI.to_owned(), uri)]),
-        })
+        let mut publish_context = HashMap::from([(PUBLISH_NBD_URI.to_owned(), uri.clone())]);
+        if let Some(dev) = &v.device {
+            publish_context.insert(PUBLISH_UBLK_DEVICE.to_owned(), dev.clone());
+        }
+        tracing::info!(
+            uri,
+            device = v.device.as_deref().unwrap_or("-"),
+            "published"
+        );
+        Ok(pb::ControllerPublishVolumeResponse { publish_context })
     }
 
     async fn unpublish(&self, req: pb::ControllerUnpublishVolumeRequest) -> Result<(), CsiError> {

@@ -32,7 +32,9 @@ fn list(v: &str) -> Vec<String> {
 
 /// Parses StorageClass parameters: `numberOfReplicas` (1-20), `staleReplicaTimeout`
 /// (minutes), `dataLocality` (`disabled`, `best-effort`), `fromBackup` (a backup name),
-/// `diskSelector` / `nodeSelector` (comma-separated tags), `fsType`, `mkfsParams`.
+/// `diskSelector` / `nodeSelector` (comma-separated tags), `frontend` (`auto`, the
+/// default: a ublk device on nodes whose kernel has ublk, kernel NBD elsewhere; `nbd`;
+/// `ublk`), `fsType`, `mkfsParams`.
 /// Unknown keys are refused, so a typo does not go unnoticed.
 pub fn volume_params(params: &HashMap<String, String>) -> Result<VolumeParams, CsiError> {
     let mut out = VolumeParams::default();
@@ -70,6 +72,14 @@ pub fn volume_params(params: &HashMap<String, String>) -> Result<VolumeParams, C
                     out.volume.from_backup = Some(value.clone());
                 }
             }
+            "frontend" => match value.as_str() {
+                "auto" | "nbd" | "ublk" => out.volume.frontend = Some(value.clone()),
+                other => {
+                    return Err(invalid(format!(
+                        "frontend {other:?} is not one of auto, nbd, ublk"
+                    )));
+                }
+            },
             "diskSelector" => out.volume.disk_selector = list(value),
             "nodeSelector" => out.volume.node_selector = list(value),
             "fsType" => {
@@ -149,6 +159,7 @@ mod tests {
             ("nodeSelector", "storage"),
             ("fsType", "xfs"),
             ("mkfsParams", "-m 0"),
+            ("frontend", "ublk"),
             ("csi.storage.k8s.io/pvc/name", "data"),
         ]))
         .expect("valid");
@@ -160,6 +171,10 @@ mod tests {
         assert_eq!(p.volume.node_selector, ["storage"]);
         assert_eq!(p.context[CONTEXT_FS_TYPE], "xfs");
         assert_eq!(p.context[CONTEXT_MKFS_PARAMS], "-m 0");
+        assert_eq!(p.volume.frontend.as_deref(), Some("ublk"));
+        // No frontend: the manager gets auto (ublk where the node has it).
+        let p = volume_params(&map(&[])).expect("valid");
+        assert_eq!(p.volume.frontend, None);
     }
 
     #[test]
@@ -171,6 +186,7 @@ mod tests {
             ("staleReplicaTimeout", "-1"),
             ("dataLocality", "strict"),
             ("fsType", "ntfs"),
+            ("frontend", "iscsi"),
             ("replicas", "3"),
         ] {
             assert!(volume_params(&map(&[bad])).is_err(), "{bad:?}");

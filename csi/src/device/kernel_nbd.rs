@@ -678,7 +678,7 @@ impl AttachScheme for KernelNbd {
         })
     }
 
-    fn grows_online(&self) -> bool {
+    fn grows_online(&self, _attachment: &super::Attachment) -> bool {
         false
     }
 }

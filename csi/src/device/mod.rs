@@ -12,12 +12,18 @@
 //!   through its netlink interface, for real nodes; a supervisor thread per device
 //!   reconnects when the engine restarts.
 //!
+//! Whatever the scheme, a volume whose engine serves a ublk device on this node
+//! (`ublk:///dev/ublkbN` in the publish context) uses that device ([`ublk::UblkDevices`]):
+//! [`open_scheme`] returns a [`NodeDevices`] that sends `ublk://` URIs there and NBD URIs
+//! to the chosen scheme.
+//!
 //! Every scheme keeps what it needs to find an attachment again (after a driver restart)
 //! on the host, under the driver's state directory, so that staging is idempotent: find
 //! before attach.
 
 pub mod kernel_nbd;
 pub mod nbdfuse;
+pub mod ublk;
 
 use std::fmt;
 use std::fs::File;
@@ -127,9 +133,10 @@ pub trait AttachScheme: Send + Sync + fmt::Debug {
         Ok(())
     }
 
-    /// Whether [`AttachScheme::refresh_size`] can grow a device while it is attached
-    /// (online expansion); when false, a grown volume shows its new size at its next attach.
-    fn grows_online(&self) -> bool;
+    /// Whether [`AttachScheme::refresh_size`] can grow `attachment`'s device while it is
+    /// attached (online expansion); when false, a grown volume shows its new size at its
+    /// next attach.
+    fn grows_online(&self, attachment: &Attachment) -> bool;
 }
 
 /// The attach schemes `--attach-scheme` accepts.
@@ -171,16 +178,85 @@ impl FromStr for SchemeKind {
     }
 }
 
-/// Opens the scheme `kind`, keeping its state under `state_dir`.
+/// Opens the scheme `kind` for NBD exports, together with the engine's ublk devices
+/// ([`NodeDevices`]), keeping their state under `state_dir`.
 pub fn open_scheme(
     kind: SchemeKind,
     state_dir: &Path,
 ) -> Result<Arc<dyn AttachScheme>, DeviceError> {
-    match kind {
-        SchemeKind::Nbdfuse => Ok(Arc::new(nbdfuse::Nbdfuse::new(state_dir))),
-        SchemeKind::KernelNbd => Ok(Arc::new(kernel_nbd::KernelNbd::new(
+    let nbd: Arc<dyn AttachScheme> = match kind {
+        SchemeKind::Nbdfuse => Arc::new(nbdfuse::Nbdfuse::new(state_dir)),
+        SchemeKind::KernelNbd => Arc::new(kernel_nbd::KernelNbd::new(
             kernel_nbd::AttachOptions::default(),
-        ))),
+        )),
+    };
+    Ok(Arc::new(NodeDevices {
+        nbd,
+        ublk: ublk::UblkDevices::new(state_dir),
+    }))
+}
+
+/// A node's devices: the engine's ublk devices for `ublk://` URIs, an NBD attach scheme
+/// for the rest. A volume has at most one attachment, found in either.
+#[derive(Debug)]
+pub struct NodeDevices {
+    nbd: Arc<dyn AttachScheme>,
+    ublk: ublk::UblkDevices,
+}
+
+fn is_ublk(att: &Attachment) -> bool {
+    att.uri
+        .as_deref()
+        .is_some_and(|u| u.starts_with(ublk::URI_PREFIX))
+}
+
+impl AttachScheme for NodeDevices {
+    fn name(&self) -> &'static str {
+        self.nbd.name()
+    }
+
+    fn attach(&self, volume: &str, uri: &str) -> Result<Attachment, DeviceError> {
+        if uri.starts_with(ublk::URI_PREFIX) {
+            self.ublk.attach(volume, uri)
+        } else {
+            self.nbd.attach(volume, uri)
+        }
+    }
+
+    fn find(&self, volume: &str) -> Result<Option<Attachment>, DeviceError> {
+        match self.ublk.find(volume)? {
+            Some(att) => Ok(Some(att)),
+            None => self.nbd.find(volume),
+        }
+    }
+
+    fn detach(&self, volume: &str) -> Result<(), DeviceError> {
+        self.ublk.detach(volume)?;
+        self.nbd.detach(volume)
+    }
+
+    fn refresh_size(&self, volume: &str, attachment: &Attachment) -> Result<u64, DeviceError> {
+        if is_ublk(attachment) {
+            self.ublk.refresh_size(volume, attachment)
+        } else {
+            self.nbd.refresh_size(volume, attachment)
+        }
+    }
+
+    fn health(&self, volume: &str, attachment: &Attachment) -> Result<(), String> {
+        if is_ublk(attachment) {
+            self.ublk.health(volume, attachment)
+        } else {
+            self.nbd.health(volume, attachment)
+        }
+    }
+
+    fn grows_online(&self, attachment: &Attachment) -> bool {
+        if is_ublk(attachment) {
+            self.ublk.grows_online(attachment)
+        } else {
+            self.nbd.grows_online(attachment)
+        }
     }
 }
 

@@ -386,7 +386,7 @@ impl AttachScheme for Nbdfuse {
         }
     }
 
-    fn grows_online(&self) -> bool {
+    fn grows_online(&self, _attachment: &Attachment) -> bool {
         false
     }
 }

@@ -150,6 +150,92 @@ pub fn available() -> bool {
     std::path::Path::new("/dev/ublk-control").exists()
 }
 
+/// A ublk device the kernel has, as `ironhorn ublk ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device id N (`/dev/ublkbN`, `/dev/ublkcN`).
+    pub id: u32,
+    /// `live`, `quiesced` (its server died; I/O waits for recovery), `fail-io` or `dead`.
+    pub state: &'static str,
+    /// Pid of the process serving it (the last one, for a quiesced device).
+    pub pid: i32,
+    /// Hardware queues.
+    pub queues: u16,
+    /// Queue depth.
+    pub depth: u16,
+}
+
+fn state_name(state: u32) -> &'static str {
+    match state {
+        sys::UBLK_S_DEV_LIVE => "live",
+        sys::UBLK_S_DEV_QUIESCED => "quiesced",
+        sys::UBLK_S_DEV_FAIL_IO => "fail-io",
+        _ => "dead",
+    }
+}
+
+/// Ids of the ublk devices the kernel has (the `/dev/ublkcN` control nodes), ascending.
+pub fn device_ids() -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir("/dev")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// The ublk devices the kernel has, with their state; devices that vanish while listed
+/// are left out.
+pub fn list() -> Vec<DeviceInfo> {
+    device_ids()
+        .into_iter()
+        .filter_map(|id| {
+            let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
+            let info = ctrl.dev_info();
+            Some(DeviceInfo {
+                id,
+                state: state_name(info.state as u32),
+                pid: info.ublksrv_pid,
+                queues: info.nr_hw_queues,
+                depth: info.queue_depth,
+            })
+        })
+        .collect()
+}
+
+/// Deletes ublk device `id`, failing queued and new I/O. A live device whose server
+/// still runs is refused unless `force` (stop that server instead: it removes its
+/// device). For devices left behind by a server that died and will not come back.
+pub fn remove(id: u32, force: bool) -> Result<(), UblkFrontendError> {
+    if id > i32::MAX as u32 {
+        return Err(UblkFrontendError::Invalid(format!("device id {id}")));
+    }
+    let ctrl = UblkCtrl::new_simple(id as i32).map_err(|source| UblkFrontendError::Ublk {
+        id: Some(id),
+        what: "open control",
+        source,
+    })?;
+    let info = ctrl.dev_info();
+    let server_alive = info.ublksrv_pid > 0
+        && std::path::Path::new(&format!("/proc/{}", info.ublksrv_pid)).exists();
+    if info.state as u32 == sys::UBLK_S_DEV_LIVE && server_alive && !force {
+        return Err(UblkFrontendError::Busy(id));
+    }
+    // Stop first (a quiesced device's waiting I/O fails), then delete.
+    if let Err(e) = ctrl.kill_dev() {
+        tracing::debug!(id, error = %e, "ublk stop before delete");
+    }
+    ctrl.del_dev().map_err(|source| UblkFrontendError::Ublk {
+        id: Some(id),
+        what: "delete",
+        source,
+    })?;
+    tracing::info!(id, "ublk device deleted");
+    Ok(())
+}
+
 /// Starts serving `dev` as a ublk device; returns once `/dev/ublkbN` is live. Requests run
 /// on `rt` (the engine's runtime).
 pub fn start<D: BlockDevice>(

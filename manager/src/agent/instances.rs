@@ -78,6 +78,29 @@ pub struct SupervisorConfig {
     pub host: String,
     /// Ports the instances take, two each.
     pub ports: RangeInclusive<u16>,
+    /// Whether engines may serve ublk devices here (false with `ironhorn agent --no-ublk`);
+    /// the kernel must have the driver too ([`ublk_usable`]).
+    pub ublk: bool,
+}
+
+/// Most ublk device ids the agent hands out (`/dev/ublkb0` …).
+const MAX_UBLK_IDS: u32 = 1024;
+
+/// Whether engines of this node can serve ublk devices: allowed by the configuration, and
+/// the kernel's ublk driver is loaded and its control device opens for writing (root, or
+/// a device node the agent's user may use).
+pub fn ublk_usable(cfg: &SupervisorConfig) -> bool {
+    cfg.ublk
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/ublk-control")
+            .is_ok()
+}
+
+/// Whether the kernel has ublk device `id` (its control node `/dev/ublkcN`).
+fn ublk_device_exists(id: u32) -> bool {
+    std::path::Path::new(&format!("/dev/ublkc{id}")).exists()
 }
 
 /// What is kept about an instance across agent restarts.
@@ -90,6 +113,10 @@ struct Record {
     port: u16,
     /// The spec it was (last) started from.
     spec: SpecRecord,
+    /// Engine with a ublk frontend: its device id N (`/dev/ublkbN`), chosen at its first
+    /// start and kept, so that a restarted engine recovers the same device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ublk_id: Option<u32>,
 }
 
 /// Kind of instance, as stored.
@@ -112,6 +139,9 @@ enum SpecRecord {
         volume: String,
         size: u64,
         replicas: Vec<String>,
+        /// Also serve the volume as a ublk device.
+        #[serde(default)]
+        ublk: bool,
     },
 }
 
@@ -160,6 +190,7 @@ impl SpecRecord {
                         volume: e.volume.clone(),
                         size: e.size,
                         replicas: e.replicas.clone(),
+                        ublk: e.ublk,
                     },
                 ))
             }
@@ -383,6 +414,7 @@ impl Supervisor {
                                 pid: None,
                                 port,
                                 spec,
+                                ublk_id: None,
                             },
                             child: None,
                             state: InstanceState::Failed,
@@ -421,12 +453,25 @@ impl Supervisor {
                 Some(i) if !i.ever_running && i.restarts > 0 => self.alloc_ports().ok(),
                 _ => None,
             };
+            let ublk_id = match self.instances.get(&name) {
+                Some(i)
+                    if matches!(i.rec.spec, SpecRecord::Engine { ublk: true, .. })
+                        && i.rec.ublk_id.is_none() =>
+                {
+                    free_ublk_id(&self.instances, &self.stopping)
+                }
+                _ => None,
+            };
             let Some(inst) = self.instances.get_mut(&name) else {
                 continue;
             };
             if let Some(port) = moved {
                 info!(instance = %name, from = inst.rec.port, to = port, "never came up; trying other ports");
                 inst.rec.port = port;
+            }
+            if let Some(id) = ublk_id {
+                info!(instance = %name, id, "ublk device id chosen");
+                inst.rec.ublk_id = Some(id);
             }
             match start(&cfg, &name, &inst.rec) {
                 Ok(child) => {
@@ -459,7 +504,16 @@ impl Supervisor {
             return;
         };
         info!(instance = %name, pid = inst.rec.pid, "stopping");
-        let task = tokio::spawn(terminate(inst.child, inst.rec.pid));
+        let ublk_id = inst.rec.ublk_id;
+        let exe = self.cfg.exe.clone();
+        let child = inst.child;
+        let pid = inst.rec.pid;
+        let task = tokio::spawn(async move {
+            terminate(child, pid).await;
+            if let Some(id) = ublk_id {
+                remove_leftover_ublk(&exe, id).await;
+            }
+        });
         self.stopping.insert(name.to_owned(), (inst.rec, task));
         self.save();
     }
@@ -518,17 +572,19 @@ impl Supervisor {
         let next = rec.port.saturating_add(1);
         let (kind, data_address, frontends) = match &rec.spec {
             SpecRecord::Replica { .. } => (InstanceKind::Replica, format!("{host}:{next}"), vec![]),
-            SpecRecord::Engine { volume, .. } => (
-                InstanceKind::Engine,
-                String::new(),
-                vec![
+            SpecRecord::Engine { volume, ublk, .. } => {
+                let mut frontends = vec![
                     format!("nbd://{host}:{next}/{volume}"),
                     format!(
                         "nbd+unix:///{volume}?socket={}",
                         socket_path(&self.cfg, name).display()
                     ),
-                ],
-            ),
+                ];
+                if let (true, Some(id)) = (ublk, rec.ublk_id) {
+                    frontends.push(format!("ublk:///dev/ublkb{id}"));
+                }
+                (InstanceKind::Engine, String::new(), frontends)
+            }
         };
         InstanceReport {
             name: name.to_owned(),
@@ -587,6 +643,20 @@ impl Supervisor {
     }
 }
 
+/// The lowest ublk device id no record holds and the kernel does not have.
+fn free_ublk_id(
+    instances: &BTreeMap<String, Instance>,
+    stopping: &BTreeMap<String, (Record, tokio::task::JoinHandle<()>)>,
+) -> Option<u32> {
+    let held: Vec<u32> = instances
+        .values()
+        .map(|i| &i.rec)
+        .chain(stopping.values().map(|(r, _)| r))
+        .filter_map(|r| r.ublk_id)
+        .collect();
+    (0..MAX_UBLK_IDS).find(|id| !held.contains(id) && !ublk_device_exists(*id))
+}
+
 fn log_path(cfg: &SupervisorConfig, name: &str) -> PathBuf {
     cfg.state_dir.join("logs").join(format!("{name}.log"))
 }
@@ -625,6 +695,7 @@ fn args(cfg: &SupervisorConfig, name: &str, rec: &Record) -> Vec<String> {
             volume,
             size,
             replicas,
+            ublk,
         } => {
             let mut a = vec![
                 "engine".into(),
@@ -644,6 +715,14 @@ fn args(cfg: &SupervisorConfig, name: &str, rec: &Record) -> Vec<String> {
                 a.push("--replica".into());
                 a.push(r.clone());
             }
+            if let (true, Some(id)) = (ublk, rec.ublk_id) {
+                a.extend([
+                    "--frontend".into(),
+                    "nbd,ublk".into(),
+                    "--ublk-id".into(),
+                    id.to_string(),
+                ]);
+            }
             a
         }
     }
@@ -658,6 +737,11 @@ fn start(cfg: &SupervisorConfig, name: &str, rec: &Record) -> Result<Child, Stri
     }
     if let SpecRecord::Replica { dir, .. } = &rec.spec {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+    }
+    if let SpecRecord::Engine { ublk: true, .. } = &rec.spec
+        && rec.ublk_id.is_none()
+    {
+        return Err(format!("no free ublk device id below {MAX_UBLK_IDS}"));
     }
     if let SpecRecord::Engine { .. } = &rec.spec {
         let _ = std::fs::remove_file(socket_path(cfg, name));
@@ -680,6 +764,35 @@ fn start(cfg: &SupervisorConfig, name: &str, rec: &Record) -> Result<Child, Stri
         .kill_on_drop(false)
         .spawn()
         .map_err(|e| format!("cannot start {} {}: {e}", cfg.exe.display(), args.join(" ")))
+}
+
+/// Deletes ublk device `id` if it is still there after its engine stopped: an engine that
+/// stops cleanly removes its device, one that was killed (or had died) leaves it quiesced,
+/// holding I/O for a recovery that will not come now that the engine is no longer wanted.
+/// Runs `ironhorn ublk rm ID`, which refuses a device a live process still serves.
+async fn remove_leftover_ublk(exe: &std::path::Path, id: u32) {
+    if !ublk_device_exists(id) {
+        return;
+    }
+    let run = Command::new(exe)
+        .args(["ublk", "rm", &id.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(STOP_TIMEOUT, run).await {
+        Ok(Ok(out)) if out.status.success() => {
+            info!(id, "deleted the ublk device its stopped engine left behind")
+        }
+        Ok(Ok(out)) => warn!(
+            id,
+            error = %String::from_utf8_lossy(&out.stderr).trim(),
+            "cannot delete the ublk device of a stopped engine"
+        ),
+        Ok(Err(e)) => warn!(id, error = %e, "cannot run ironhorn ublk rm"),
+        Err(_) => warn!(id, "ironhorn ublk rm did not finish in time"),
+    }
 }
 
 /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL.
@@ -732,4 +845,99 @@ fn is_our_process(pid: u32, addr: &str) -> bool {
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let is_serve = args.windows(2).any(|w| w[1] == b"serve");
     is_serve && args.contains(&addr.as_bytes())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SupervisorConfig {
+        SupervisorConfig {
+            exe: PathBuf::from("/usr/bin/ironhorn"),
+            state_dir: PathBuf::from("/tmp/state"),
+            host: "127.0.0.1".into(),
+            ports: 20000..=20100,
+            ublk: true,
+        }
+    }
+
+    fn engine(ublk: bool, ublk_id: Option<u32>) -> Record {
+        Record {
+            kind: Kind::Engine,
+            pid: None,
+            port: 20010,
+            spec: SpecRecord::Engine {
+                volume: "v1".into(),
+                size: 1 << 20,
+                replicas: vec!["127.0.0.1:20000".into()],
+                ublk,
+            },
+            ublk_id,
+        }
+    }
+
+    #[test]
+    fn engine_with_ublk_gets_its_device_id() {
+        let a = args(&cfg(), "e1", &engine(true, Some(3)));
+        let at = a
+            .iter()
+            .position(|x| x == "--frontend")
+            .expect("--frontend");
+        assert_eq!(a[at + 1], "nbd,ublk");
+        let at = a.iter().position(|x| x == "--ublk-id").expect("--ublk-id");
+        assert_eq!(a[at + 1], "3");
+        let plain = args(&cfg(), "e1", &engine(false, None));
+        assert!(!plain.iter().any(|x| x == "--frontend" || x == "--ublk-id"));
+    }
+
+    #[test]
+    fn ublk_device_is_reported_as_a_frontend() {
+        let sup = Supervisor {
+            cfg: cfg(),
+            instances: BTreeMap::new(),
+            stopping: BTreeMap::new(),
+        };
+        let r = sup.report("e1", &engine(true, Some(7)), InstanceState::Running, "", 0);
+        assert!(r.frontends.iter().any(|f| f == "ublk:///dev/ublkb7"));
+        assert!(
+            r.frontends
+                .iter()
+                .any(|f| f.starts_with("nbd://127.0.0.1:20011/"))
+        );
+        let r = sup.report("e1", &engine(false, None), InstanceState::Running, "", 0);
+        assert!(!r.frontends.iter().any(|f| f.starts_with("ublk://")));
+    }
+
+    #[test]
+    fn ublk_ids_are_not_shared() {
+        let mut instances = BTreeMap::new();
+        for (name, id) in [("a", 0), ("b", 1)] {
+            instances.insert(
+                name.to_owned(),
+                Instance {
+                    rec: engine(true, Some(id)),
+                    child: None,
+                    state: InstanceState::Running,
+                    message: String::new(),
+                    restarts: 0,
+                    started: None,
+                    backoff: MIN_BACKOFF,
+                    next_start: None,
+                    ever_running: true,
+                },
+            );
+        }
+        let id = free_ublk_id(&instances, &BTreeMap::new()).expect("an id");
+        assert!(id >= 2, "{id}");
+    }
+
+    #[test]
+    fn records_written_before_ublk_still_read() {
+        let old = r#"{"kind":"engine","pid":12,"port":20010,
+            "spec":{"kind":"engine","volume":"v1","size":4096,"replicas":["127.0.0.1:1"]}}"#;
+        let rec: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.ublk_id, None);
+        assert!(matches!(rec.spec, SpecRecord::Engine { ublk: false, .. }));
+    }
 }

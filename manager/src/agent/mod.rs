@@ -119,6 +119,7 @@ pub async fn run(
             agent_started_unix_ms: started_ms,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             replica_dirs: disks::replica_dirs(&cfg.disks),
+            ublk: instances::ublk_usable(&cfg.supervisor),
         };
         let mut req = tonic::Request::new(report);
         if let Some(t) = &token {

@@ -21,6 +21,7 @@ use crate::resources::condition::{ConditionStatus, set_condition};
 use crate::resources::engine::{DesiredState, Engine, InstanceState};
 use crate::resources::node::{DiskSpec, DiskStatus, Node, NodeSpec};
 use crate::resources::replica::Replica;
+use crate::resources::volume::Frontend;
 use crate::store::{Store, StoreError};
 
 /// Heartbeats are written to the store at most this often (liveness itself is in memory).
@@ -155,6 +156,10 @@ impl AgentService {
                         .frontends
                         .iter()
                         .find_map(|f| f.split_once("?socket=").map(|(_, p)| p.to_owned()));
+                    st.device = i
+                        .frontends
+                        .iter()
+                        .find_map(|f| f.strip_prefix("ublk://").map(str::to_owned));
                     let cond = if i.message.is_empty() {
                         (
                             ConditionStatus::True,
@@ -177,6 +182,7 @@ impl AgentService {
                     s.control_address = st.control_address.clone();
                     s.endpoint = st.endpoint.clone();
                     s.socket = st.socket.clone();
+                    s.device = st.device.clone();
                     s.started_at = st.started_at.clone();
                     s.conditions = st.conditions.clone();
                 })
@@ -213,6 +219,7 @@ impl AgentService {
                         volume: x.spec.volume_name.clone(),
                         size: x.spec.size,
                         replicas: x.spec.replica_addresses.values().cloned().collect(),
+                        ublk: x.spec.frontend == Frontend::Ublk,
                     }),
                 });
             }
@@ -333,6 +340,7 @@ impl AgentService {
         let old = node.status.clone().unwrap_or_default();
         let mut st = old.clone();
         st.address = r.address.clone();
+        st.ublk = r.ublk;
         if let Some(p) = peer {
             st.agent_address = p.ip().to_string();
         }
@@ -385,6 +393,7 @@ impl AgentService {
             patch_status::<Node, _>(&self.store, &r.node, |o| {
                 let s = o.status.get_or_insert_with(Default::default);
                 s.address = st.address.clone();
+                s.ublk = st.ublk;
                 s.agent_address = st.agent_address.clone();
                 s.last_heartbeat = st.last_heartbeat.clone();
                 s.conditions = st.conditions.clone();
@@ -405,7 +414,11 @@ impl AgentService {
 /// Whether the status changed in a way worth a write (free space moving by less than
 /// 1% of the disk is not).
 fn differs(a: &crate::resources::node::NodeStatus, b: &crate::resources::node::NodeStatus) -> bool {
-    if a.address != b.address || a.conditions != b.conditions || a.disks.len() != b.disks.len() {
+    if a.address != b.address
+        || a.ublk != b.ublk
+        || a.conditions != b.conditions
+        || a.disks.len() != b.disks.len()
+    {
         return true;
     }
     a.disks.iter().any(|(k, x)| match b.disks.get(k) {

@@ -301,9 +301,16 @@ pub async fn attach(
     ApiJson(req): ApiJson<AttachVolume>,
 ) -> ApiResult<Json<Volume>> {
     let v = get_volume(&state, &name).await?;
-    if state.store.get::<Node>(&req.node).await?.is_none() {
+    let Some(node) = state.store.get::<Node>(&req.node).await? else {
         return Err(ApiError::bad_request(format!(
             "node {:?} not found",
+            req.node
+        )));
+    };
+    let node_has_ublk = node.status.as_ref().is_some_and(|s| s.ublk);
+    if v.spec.frontend.resolve(node_has_ublk).is_none() {
+        return Err(ApiError::conflict(format!(
+            "volume {name:?} has frontend ublk but node {:?} has no usable ublk driver; use frontend nbd or auto, or load ublk_drv there",
             req.node
         )));
     }

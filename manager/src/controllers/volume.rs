@@ -93,6 +93,14 @@ impl Controller for VolumeController {
     }
 }
 
+/// Whether `node`'s agent reports a usable ublk driver.
+fn node_has_ublk(world: &World, node: &str) -> bool {
+    world
+        .node(node)
+        .and_then(|n| n.status.as_ref())
+        .is_some_and(|s| s.ublk)
+}
+
 /// Finalizer that keeps a deleted Volume until its engine and replicas are gone.
 pub const FINALIZER: &str = "ironhorn.io/volume";
 
@@ -111,6 +119,7 @@ async fn delete_volume(ctx: &Context, world: &World, v: &Volume) -> Result<(), C
             s.state = VolumeState::Deleting;
             s.endpoint = None;
             s.socket = None;
+            s.device = None;
         })
         .await?;
     }
@@ -498,6 +507,7 @@ async fn reconcile_volume(
             st.current_node = None;
             st.endpoint = None;
             st.socket = None;
+            st.device = None;
         }
         (Some(node), None) => {
             let start: BTreeMap<String, String> = trusted(&refs)
@@ -520,6 +530,21 @@ async fn reconcile_volume(
                     "UnknownNode",
                     &format!("node {node} has not registered"),
                 );
+            } else if v
+                .spec
+                .frontend
+                .resolve(node_has_ublk(world, node))
+                .is_none()
+            {
+                set_condition(
+                    &mut st.conditions,
+                    "Attached",
+                    ConditionStatus::False,
+                    "NoUblk",
+                    &format!(
+                        "the volume's frontend is ublk but node {node} has no usable ublk driver (modprobe ublk_drv, and run the agent without --no-ublk), or use frontend auto"
+                    ),
+                );
             } else {
                 info!(volume = %name, %node, replicas = ?start.keys().collect::<Vec<_>>(), "attaching");
                 let e = Engine::new(
@@ -528,7 +553,11 @@ async fn reconcile_volume(
                         volume_name: name.clone(),
                         node_id: node.clone(),
                         size: st.current_size,
-                        frontend: v.spec.frontend,
+                        frontend: v
+                            .spec
+                            .frontend
+                            .resolve(node_has_ublk(world, node))
+                            .unwrap_or_default(),
                         replica_addresses: start,
                         desired_state: DesiredState::Running,
                     },
@@ -544,6 +573,7 @@ async fn reconcile_volume(
                 st.current_node = Some(node.clone());
                 st.endpoint = es.endpoint.clone();
                 st.socket = es.socket.clone();
+                st.device = es.device.clone();
                 set_condition(
                     &mut st.conditions,
                     "Attached",

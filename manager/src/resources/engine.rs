@@ -91,7 +91,8 @@ pub struct EngineSpec {
     pub node_id: String,
     /// Size it serves, in bytes.
     pub size: u64,
-    /// How the volume is exposed.
+    /// How the volume is exposed on the node: `nbd` or `ublk` (a volume's `auto` is
+    /// resolved when the engine is created).
     #[serde(default)]
     pub frontend: Frontend,
     /// Replicas it should mirror to: replica name → data-protocol address.
@@ -118,6 +119,9 @@ pub struct EngineStatus {
     /// NBD unix socket path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// The ublk block device (`/dev/ublkbN`) it serves, if it has the ublk frontend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Size the running engine serves.
     #[serde(default)]
     pub current_size: u64,

@@ -112,4 +112,8 @@ pub struct NodeStatus {
     /// Conditions: `Ready` (agent heartbeating), `Schedulable`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Whether the node's kernel has the ublk driver and its agent may use it: volumes
+    /// with frontend `auto` attached here are served as `/dev/ublkbN`.
+    #[serde(default)]
+    pub ublk: bool,
 }

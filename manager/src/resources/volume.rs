@@ -25,8 +25,24 @@ pub enum Frontend {
     /// An NBD export (TCP on the node and a unix socket).
     #[default]
     Nbd,
-    /// ublk block device (kernels that have it).
+    /// A ublk block device `/dev/ublkbN` on the attached node, as well as the NBD export;
+    /// attaching to a node whose kernel has no ublk driver is refused.
     Ublk,
+    /// `ublk` when the attached node's kernel has the ublk driver (its agent reports
+    /// `status.ublk`), `nbd` otherwise; decided at each attach.
+    Auto,
+}
+
+impl Frontend {
+    /// What an engine on a node serves for a volume with this frontend: `Nbd` or `Ublk`,
+    /// `None` when the volume asks for ublk and the node has no ublk driver.
+    pub fn resolve(self, node_has_ublk: bool) -> Option<Frontend> {
+        match (self, node_has_ublk) {
+            (Frontend::Nbd, _) | (Frontend::Auto, false) => Some(Frontend::Nbd),
+            (Frontend::Ublk, true) | (Frontend::Auto, true) => Some(Frontend::Ublk),
+            (Frontend::Ublk, false) => None,
+        }
+    }
 }
 
 /// Whether one replica should live on the node the volume is attached to.
@@ -178,6 +194,10 @@ pub struct VolumeStatus {
     /// Unix socket of the NBD export on the attached node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// The ublk block device (`/dev/ublkbN`) on the attached node, when the volume is
+    /// served through ublk there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Size the engine serves (lags `spec.size` while expanding).
     #[serde(default)]
     pub current_size: u64,
@@ -208,4 +228,24 @@ pub struct VolumeStatus {
     /// Conditions: `Scheduled`, `Restored`, `TooManySnapshots`...
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod frontend_tests {
+    use super::Frontend;
+
+    #[test]
+    fn frontend_resolves_per_node() {
+        assert_eq!(Frontend::Nbd.resolve(true), Some(Frontend::Nbd));
+        assert_eq!(Frontend::Nbd.resolve(false), Some(Frontend::Nbd));
+        assert_eq!(Frontend::Auto.resolve(true), Some(Frontend::Ublk));
+        assert_eq!(Frontend::Auto.resolve(false), Some(Frontend::Nbd));
+        assert_eq!(Frontend::Ublk.resolve(true), Some(Frontend::Ublk));
+        assert_eq!(Frontend::Ublk.resolve(false), None);
+        // Stored volumes written before `auto` existed still read.
+        let f: Frontend = serde_json::from_str("\"nbd\"").expect("nbd");
+        assert_eq!(f, Frontend::Nbd);
+        let f: Frontend = serde_json::from_str("\"auto\"").expect("auto");
+        assert_eq!(f, Frontend::Auto);
+    }
 }
