@@ -2,7 +2,9 @@
 //! under qemu (tests/vm/run.sh) and runs the guest scripts of tests/vm/guest/ against this
 //! build's `ironhorn` binary: kernel NBD attach, ext4, engine SIGKILL and restart under the
 //! mounted file system, fsck, detach, fio verify; the same through the ublk frontend; the
-//! CSI node service staging, publishing and unstaging a volume through /dev/nbdN.
+//! CSI node service staging, publishing and unstaging a volume through /dev/nbdN; and the
+//! whole control plane (manager, agents, CSI controller and nodes) choosing ublk on a node
+//! whose kernel has it and kernel NBD on one that does not.
 //!
 //! Needs qemu-system-x86 and the unpacked kernel that tests/vm/setup.sh installs (.ci/run
 //! runs it); without them the test fails and says so.
@@ -12,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Guest scripts run, in order, in one boot.
-const SCRIPTS: &[&str] = &["nbd", "ublk", "csi"];
+const SCRIPTS: &[&str] = &["nbd", "ublk", "csi", "cluster"];
 
 /// Every check the scripts must report as passed: a script that stops early cannot pass.
 const EXPECTED: &[&str] = &[
@@ -31,10 +33,16 @@ const EXPECTED: &[&str] = &[
     "csi-stage-kernel-nbd",
     "csi-publish-unstage-detaches",
     "csi-data-survives-restage",
+    "cluster-auto-picks-ublk",
+    "cluster-stage-publish-ublk",
+    "cluster-engine-kill-ublk-recovers",
+    "cluster-unpublish-removes-ublk",
+    "cluster-auto-picks-nbd-without-ublk",
+    "cluster-delete",
 ];
 
 /// The whole guest run (boot, every script) must end within this; run.sh kills qemu earlier.
-const LIMIT: Duration = Duration::from_secs(600);
+const LIMIT: Duration = Duration::from_secs(900);
 
 #[test]
 fn guest_kernel_data_paths() {
@@ -152,6 +160,9 @@ fn csi_node_in_guest() {
         .enable_all()
         .build()
         .expect("runtime");
+    // libtest prints "test NAME ... " without a newline first: start the markers on a line
+    // of their own.
+    println!();
     rt.block_on(async {
         let ch = ironhorn_csi::client::connect(Path::new(&socket))
             .await
@@ -206,5 +217,328 @@ fn csi_node_in_guest() {
             .expect("unstage");
         assert_eq!(attached(), 0, "nbd device still attached at the end");
         println!("@@PASS csi-data-survives-restage");
+    });
+}
+
+/// Process ids of the running `ironhorn engine serve --volume VOLUME` processes (read from
+/// /proc; only meaningful inside the guest).
+fn engine_pids(volume: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.windows(2).any(|w| w == [&b"engine"[..], &b"serve"[..]])
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--volume" && w[1] == volume.as_bytes())
+        })
+        .collect()
+}
+
+/// Pseudo-random bytes (xorshift), so a file's content is known without storing it.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The frontend chosen through the whole control plane, inside the guest only:
+/// tests/vm/guest/cluster.sh starts the manager, agents `node-1` (the kernel has ublk) and
+/// `node-2` (`--no-ublk`), the CSI driver (controller + node) for node-1 and a CSI node for
+/// node-2, then runs this test binary with `--ignored`. A volume created with the default
+/// StorageClass frontend (`auto`) and published to node-1 must come as the engine's
+/// `/dev/ublkbN`; it is staged, written, its engine SIGKILLed under the mounted filesystem
+/// (the agent restarts it with the same ublk id and it recovers the device), the data
+/// checked, and unpublishing removes the device. The same kind of volume published to
+/// node-2 must come through kernel NBD instead.
+#[test]
+#[ignore = "runs inside the guest kernel, started by tests/vm/guest/cluster.sh"]
+fn csi_cluster_in_guest() {
+    use ironhorn_csi::pb;
+    use ironhorn_csi::pb::controller_client::ControllerClient;
+    use ironhorn_csi::pb::node_client::NodeClient;
+    use ironhorn_csi::pb::volume_capability::access_mode::Mode;
+    use ironhorn_csi::pb::volume_capability::{AccessMode, AccessType, MountVolume};
+    use std::collections::HashMap;
+    use std::io::Write;
+    use std::path::Path;
+
+    let sock_a = std::env::var("IRONHORN_GUEST_CSI_A").expect(
+        "only runs inside the guest (tests/vm/guest/cluster.sh sets IRONHORN_GUEST_CSI_A)",
+    );
+    let sock_b = std::env::var("IRONHORN_GUEST_CSI_B").expect("IRONHORN_GUEST_CSI_B");
+    let cap = pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    };
+    let create = |name: &str| pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: 64 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap.clone()],
+        parameters: HashMap::from([("numberOfReplicas".to_owned(), "2".to_owned())]),
+        ..Default::default()
+    };
+    let publish = |volume: &str, node: &str| pb::ControllerPublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    let stage = |volume: &str, ctx: &HashMap<String, String>, staging: &str| {
+        pb::NodeStageVolumeRequest {
+            volume_id: volume.into(),
+            publish_context: ctx.clone(),
+            staging_target_path: staging.into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        }
+    };
+    let node_publish = |volume: &str, staging: &str, target: &str| pb::NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.into(),
+        target_path: target.into(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    let mount_source = |path: &str| {
+        ironhorn_csi::mount::mount_table()
+            .expect("mount table")
+            .into_iter()
+            .find(|m| m.mount_point == Path::new(path))
+            .map(|m| m.source)
+    };
+    let write_synced = |path: &Path, data: &[u8]| {
+        let mut f = std::fs::File::create(path).expect("create a file on the volume");
+        f.write_all(data).expect("write");
+        f.sync_all().expect("fsync");
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!();
+    rt.block_on(async {
+        let ch_a = ironhorn_csi::client::connect(Path::new(&sock_a))
+            .await
+            .expect("connect to node-1's CSI socket");
+        let ch_b = ironhorn_csi::client::connect(Path::new(&sock_b))
+            .await
+            .expect("connect to node-2's CSI socket");
+        let mut ctl = ControllerClient::new(ch_a.clone());
+        let mut node_a = NodeClient::new(ch_a);
+        let mut node_b = NodeClient::new(ch_b);
+
+        // node-1 has ublk: the default frontend (auto) serves the volume as /dev/ublkbN.
+        let v1 = ctl
+            .create_volume(create("pvc-ublk"))
+            .await
+            .expect("create volume 1")
+            .into_inner()
+            .volume
+            .expect("a volume")
+            .volume_id;
+        let t = Instant::now();
+        let ctx = ctl
+            .controller_publish_volume(publish(&v1, "node-1"))
+            .await
+            .expect("publish volume 1 to node-1")
+            .into_inner()
+            .publish_context;
+        println!(
+            "@@INFO cluster publish to node-1 took {:.1} s: {ctx:?}",
+            t.elapsed().as_secs_f64()
+        );
+        let dev = ctx
+            .get("ublkDevice")
+            .cloned()
+            .expect("publish context names a ublk device on a node with ublk");
+        assert!(dev.starts_with("/dev/ublkb"), "{dev}");
+        assert!(ctx.contains_key("nbdUri"), "the NBD export is there too");
+        println!("@@PASS cluster-auto-picks-ublk");
+
+        let (staging, target) = ("/tmp/csi-a/staging/v1", "/tmp/csi-a/pods/p1/vol");
+        node_a
+            .node_stage_volume(stage(&v1, &ctx, staging))
+            .await
+            .expect("stage volume 1");
+        node_a
+            .node_stage_volume(stage(&v1, &ctx, staging))
+            .await
+            .expect("stage volume 1 again (idempotent)");
+        assert_eq!(mount_source(staging).as_deref(), Some(dev.as_str()));
+        node_a
+            .node_publish_volume(node_publish(&v1, staging, target))
+            .await
+            .expect("publish volume 1 on node-1");
+        let f1 = Path::new(target).join("before-kill");
+        let data1 = pattern(1, 4 << 20);
+        write_synced(&f1, &data1);
+        println!("@@PASS cluster-stage-publish-ublk");
+
+        // SIGKILL the engine under the mounted filesystem, and write while it is dead: the
+        // kernel holds the I/O, the agent restarts the engine with the same ublk id, and
+        // the restarted engine recovers the device and completes it.
+        let before = engine_pids(&v1);
+        assert_eq!(before.len(), 1, "one engine for volume 1: {before:?}");
+        let killed = Instant::now();
+        let st = std::process::Command::new("kill")
+            .args(["-9", &before[0].to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -9 {}", before[0]);
+        let f2 = Path::new(target).join("during-restart");
+        let data2 = pattern(2, 2 << 20);
+        let writer = {
+            let (f2, data2) = (f2.clone(), data2.clone());
+            std::thread::spawn(move || {
+                let mut f = std::fs::File::create(&f2)?;
+                f.write_all(&data2)?;
+                f.sync_all()?;
+                Ok::<_, std::io::Error>(killed.elapsed())
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let restarted = loop {
+            let now = engine_pids(&v1);
+            if let Some(p) = now.iter().find(|p| !before.contains(p)) {
+                break *p;
+            }
+            assert!(Instant::now() < deadline, "the engine was not restarted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        println!(
+            "@@INFO cluster engine restarted as pid {restarted} {:.1} s after the kill",
+            killed.elapsed().as_secs_f64()
+        );
+        while !writer.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the write did not complete after the engine restart"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = writer
+            .join()
+            .expect("writer thread")
+            .expect("write + fsync while the engine restarted");
+        println!(
+            "@@INFO cluster write during the engine restart completed {:.1} s after the kill",
+            took.as_secs_f64()
+        );
+        assert_eq!(std::fs::read(&f1).expect("read file 1"), data1);
+        assert_eq!(std::fs::read(&f2).expect("read file 2"), data2);
+        assert_eq!(mount_source(staging).as_deref(), Some(dev.as_str()));
+        println!("@@PASS cluster-engine-kill-ublk-recovers");
+
+        node_a
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: v1.clone(),
+                target_path: target.into(),
+            })
+            .await
+            .expect("unpublish volume 1");
+        node_a
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: v1.clone(),
+                staging_target_path: staging.into(),
+            })
+            .await
+            .expect("unstage volume 1");
+        ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: v1.clone(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("controller unpublish volume 1");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Path::new(&dev).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{dev} still there after unpublish"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("@@PASS cluster-unpublish-removes-ublk");
+
+        // node-2's agent runs with --no-ublk: the same default frontend gives kernel NBD.
+        let v2 = ctl
+            .create_volume(create("pvc-nbd"))
+            .await
+            .expect("create volume 2")
+            .into_inner()
+            .volume
+            .expect("a volume")
+            .volume_id;
+        let ctx2 = ctl
+            .controller_publish_volume(publish(&v2, "node-2"))
+            .await
+            .expect("publish volume 2 to node-2")
+            .into_inner()
+            .publish_context;
+        assert!(
+            !ctx2.contains_key("ublkDevice"),
+            "no ublk device on a node without ublk: {ctx2:?}"
+        );
+        let staging2 = "/tmp/csi-b/staging/v2";
+        node_b
+            .node_stage_volume(stage(&v2, &ctx2, staging2))
+            .await
+            .expect("stage volume 2 on node-2");
+        let src = mount_source(staging2).expect("volume 2 staged");
+        assert!(src.starts_with("/dev/nbd"), "volume 2 staged from {src}");
+        let f3 = Path::new(staging2).join("on-nbd");
+        write_synced(&f3, b"node-2 has no ublk: kernel nbd");
+        assert_eq!(
+            std::fs::read(&f3).expect("read back"),
+            b"node-2 has no ublk: kernel nbd"
+        );
+        node_b
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: v2.clone(),
+                staging_target_path: staging2.into(),
+            })
+            .await
+            .expect("unstage volume 2");
+        ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: v2.clone(),
+            node_id: "node-2".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("controller unpublish volume 2");
+        println!("@@INFO cluster volume 2 staged from {src}");
+        println!("@@PASS cluster-auto-picks-nbd-without-ublk");
+
+        for v in [&v1, &v2] {
+            ctl.delete_volume(pb::DeleteVolumeRequest {
+                volume_id: v.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("delete a volume");
+        }
+        println!("@@PASS cluster-delete");
     });
 }
