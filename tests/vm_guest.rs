@@ -234,7 +234,8 @@ fn engine_pids(volume: &str) -> Vec<u32> {
                 return false;
             };
             let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            args.windows(2).any(|w| w == [&b"engine"[..], &b"serve"[..]])
+            args.windows(2)
+                .any(|w| w == [&b"engine"[..], &b"serve"[..]])
                 && args
                     .windows(2)
                     .any(|w| w[0] == b"--volume" && w[1] == volume.as_bytes())
@@ -276,9 +277,8 @@ fn csi_cluster_in_guest() {
     use std::io::Write;
     use std::path::Path;
 
-    let sock_a = std::env::var("IRONHORN_GUEST_CSI_A").expect(
-        "only runs inside the guest (tests/vm/guest/cluster.sh sets IRONHORN_GUEST_CSI_A)",
-    );
+    let sock_a = std::env::var("IRONHORN_GUEST_CSI_A")
+        .expect("only runs inside the guest (tests/vm/guest/cluster.sh sets IRONHORN_GUEST_CSI_A)");
     let sock_b = std::env::var("IRONHORN_GUEST_CSI_B").expect("IRONHORN_GUEST_CSI_B");
     let cap = pb::VolumeCapability {
         access_type: Some(AccessType::Mount(MountVolume {
@@ -305,15 +305,14 @@ fn csi_cluster_in_guest() {
         volume_capability: Some(cap.clone()),
         ..Default::default()
     };
-    let stage = |volume: &str, ctx: &HashMap<String, String>, staging: &str| {
-        pb::NodeStageVolumeRequest {
+    let stage =
+        |volume: &str, ctx: &HashMap<String, String>, staging: &str| pb::NodeStageVolumeRequest {
             volume_id: volume.into(),
             publish_context: ctx.clone(),
             staging_target_path: staging.into(),
             volume_capability: Some(cap.clone()),
             ..Default::default()
-        }
-    };
+        };
     let node_publish = |volume: &str, staging: &str, target: &str| pb::NodePublishVolumeRequest {
         volume_id: volume.into(),
         staging_target_path: staging.into(),
