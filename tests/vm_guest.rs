@@ -33,6 +33,7 @@ const EXPECTED: &[&str] = &[
     "csi-stage-kernel-nbd",
     "csi-publish-unstage-detaches",
     "csi-data-survives-restage",
+    "csi-expand-online-kernel-nbd",
     "cluster-auto-picks-ublk",
     "cluster-stage-publish-ublk",
     "cluster-engine-kill-ublk-recovers",
@@ -209,6 +210,52 @@ fn csi_node_in_guest() {
             .expect("publish again");
         let back = std::fs::read(&file).expect("read the file back");
         assert_eq!(back, b"through the CSI node and /dev/nbd");
+        println!("@@PASS csi-data-survives-restage");
+
+        // Online expansion: the engine grows the volume (128 → 192 MiB), then
+        // NodeExpandVolume grows /dev/nbdN through netlink and ext4 while mounted.
+        let fs_bytes = |p: &str| {
+            let st = nix::sys::statvfs::statvfs(p).expect("statvfs");
+            st.blocks() as u64 * st.fragment_size() as u64
+        };
+        let before = fs_bytes(target);
+        let engine = std::env::var("IRONHORN_GUEST_ENGINE_CTL").expect("IRONHORN_GUEST_ENGINE_CTL");
+        let st = std::process::Command::new("ironhorn")
+            .args(["engine", "ctl", "--engine", &engine, "expand", "192MiB"])
+            .status()
+            .expect("run ironhorn engine ctl expand");
+        assert!(st.success(), "engine expand failed");
+        let grown = node
+            .node_expand_volume(pb::NodeExpandVolumeRequest {
+                volume_id: volume.into(),
+                volume_path: target.into(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 192 << 20,
+                    limit_bytes: 0,
+                }),
+                staging_target_path: staging.into(),
+                volume_capability: publish_req.volume_capability.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("expand the staged volume online")
+            .into_inner();
+        assert_eq!(
+            grown.capacity_bytes,
+            192 << 20,
+            "device size after expansion"
+        );
+        let after = fs_bytes(target);
+        assert!(
+            after > before + (48 << 20),
+            "ext4 did not grow online: {before} -> {after} bytes"
+        );
+        assert_eq!(
+            std::fs::read(&file).expect("read the file after growing"),
+            b"through the CSI node and /dev/nbd"
+        );
+        println!("@@INFO csi ext4 grew online from {before} to {after} bytes");
+        println!("@@PASS csi-expand-online-kernel-nbd");
         node.node_unpublish_volume(unpublish_req)
             .await
             .expect("unpublish");
@@ -216,7 +263,6 @@ fn csi_node_in_guest() {
             .await
             .expect("unstage");
         assert_eq!(attached(), 0, "nbd device still attached at the end");
-        println!("@@PASS csi-data-survives-restage");
     });
 }
 

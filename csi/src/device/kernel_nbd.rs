@@ -261,6 +261,51 @@ fn dial(target: &NbdTarget, timeout: Duration) -> Result<(OwnedFd, ExportInfo), 
     Ok((conn.into_fd(), info))
 }
 
+/// Grows connected device `index` (backend identifier `backend`) to the size `target`'s
+/// export has now (after the volume was expanded), while it stays attached and in use;
+/// returns the device's size. The export's size is learnt from a fresh handshake on a
+/// connection that is closed right after. A device already as large is left alone;
+/// devices never shrink.
+#[tracing::instrument(skip(backend), fields(target = %target))]
+pub fn grow(index: u32, backend: &str, target: &NbdTarget) -> Result<u64, KernelNbdError> {
+    if !is_attached(index, backend) {
+        return Err(KernelNbdError::NotOurs {
+            index,
+            backend: backend.to_owned(),
+        });
+    }
+    let (conn, info) = dial(target, Duration::from_secs(10))?;
+    drop(conn);
+    let dev = device_path(index);
+    let current = device_size(&dev).map_err(|source| KernelNbdError::Sys {
+        what: "size of",
+        path: dev.clone(),
+        source,
+    })?;
+    if info.size <= current {
+        return Ok(current);
+    }
+    let mut nl = NbdNetlink::open()?;
+    nl.resize(index, backend, info.size)?;
+    let waited = Duration::from_secs(10);
+    let deadline = Instant::now() + waited;
+    loop {
+        let now = device_size(&dev).unwrap_or(0);
+        if now >= info.size {
+            tracing::info!(from = current, to = now, "grew /dev/nbd{index}");
+            return Ok(now);
+        }
+        if Instant::now() >= deadline {
+            return Err(KernelNbdError::Timeout {
+                index,
+                what: "the new size did not show",
+                waited,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Attaches `target` to a free /dev/nbdN under the backend identifier `backend`, or returns
 /// the attachment with that identifier if one exists.
 #[tracing::instrument(skip(opts), fields(target = %target))]
@@ -669,17 +714,25 @@ impl AttachScheme for KernelNbd {
         volume: &str,
         attachment: &super::Attachment,
     ) -> Result<u64, DeviceError> {
-        // The kernel takes the size only at connect; a grown export shows at the next attach.
-        device_size(&attachment.device).map_err(|source| DeviceError::Io {
-            operation: "size",
+        // Online growth: the export's new size goes to the kernel through netlink.
+        let Some((d, uri)) = Self::find_device(volume)? else {
+            return Err(DeviceError::AttachFailed {
+                volume: volume.to_owned(),
+                reason: format!("{} is no longer attached", attachment.device.display()),
+            });
+        };
+        let target = NbdTarget::parse(&uri).map_err(|e| DeviceError::BadExport {
+            uri: uri.clone(),
+            reason: e.to_string(),
+        })?;
+        grow(d.index, &d.backend, &target).map_err(|e| DeviceError::AttachFailed {
             volume: volume.to_owned(),
-            path: attachment.device.clone(),
-            source,
+            reason: format!("grow /dev/nbd{}: {e}", d.index),
         })
     }
 
     fn grows_online(&self, _attachment: &super::Attachment) -> bool {
-        false
+        true
     }
 }
 

@@ -10,7 +10,7 @@
 //!   when attached again: [`AttachScheme::grows_online`] is false.
 //! - `kernel-nbd` ([`kernel_nbd::KernelNbd`]): the kernel's nbd driver (`/dev/nbdN`)
 //!   through its netlink interface, for real nodes; a supervisor thread per device
-//!   reconnects when the engine restarts.
+//!   reconnects when the engine restarts, and a grown export grows the device online.
 //!
 //! Whatever the scheme, a volume whose engine serves a ublk device on this node
 //! (`ublk:///dev/ublkbN` in the publish context) uses that device ([`ublk::UblkDevices`]):

@@ -21,11 +21,12 @@ echo $! >/tmp/csi.pid
 wait_until 30 test -S /tmp/csi/csi.sock || fail "csi: driver socket did not appear"
 t csi-driver-up
 IRONHORN_GUEST_CSI_SOCKET=/tmp/csi/csi.sock IRONHORN_GUEST_NBD_URI=nbd://127.0.0.1:10811/vcsi \
+    IRONHORN_GUEST_ENGINE_CTL=127.0.0.1:9800 \
     PATH=/opt/node-tools:$PATH \
     vm-guest-test --exact csi_node_in_guest --ignored --nocapture --test-threads 1 \
     >/tmp/csi-client.out 2>&1
 rc=$?
-grep '^@@PASS' /tmp/csi-client.out
+grep -E '^@@(PASS|INFO)' /tmp/csi-client.out
 if [ $rc -ne 0 ]; then
     tail -n 30 /tmp/csi-client.out
     fail "csi: the CSI client test failed"

@@ -219,6 +219,24 @@ impl NbdNetlink {
         .map(|_| ())
     }
 
+    /// Sets the size of connected device `index` (known by `backend`) to `size` bytes
+    /// while it stays attached (`NBD_CMD_RECONFIGURE` with `NBD_ATTR_SIZE_BYTES`, Linux
+    /// 5.3+); the block layer sees the new capacity at once.
+    pub fn resize(&mut self, index: u32, backend: &str, size: u64) -> Result<(), NetlinkError> {
+        let mut a = Vec::new();
+        put_attr(&mut a, NBD_ATTR_INDEX, &index.to_ne_bytes());
+        put_attr(&mut a, NBD_ATTR_BACKEND_IDENTIFIER, &cstr(backend));
+        put_attr(&mut a, NBD_ATTR_SIZE_BYTES, &size.to_ne_bytes());
+        self.request(
+            self.family,
+            NBD_CMD_RECONFIGURE,
+            NBD_GENL_VERSION,
+            &a,
+            "resize",
+        )
+        .map(|_| ())
+    }
+
     /// Disconnects device `index` (the kernel sends `NBD_CMD_DISC` and drops the sockets).
     pub fn disconnect(&mut self, index: u32) -> Result<(), NetlinkError> {
         let mut a = Vec::new();
