@@ -25,6 +25,7 @@ const EXPECTED: &[&str] = &[
     "nbd-fsck-clean",
     "nbd-detach",
     "nbd-fio-verify",
+    "nbd-grow-online",
     "ublk-discard-write-zeroes",
     "ublk-engine-restart-under-mount",
     "ublk-fsck-clean",

@@ -21,6 +21,12 @@ pub enum NbdCommand {
     Attach(AttachArgs),
     /// Detach a device (/dev/nbdN, or the URI it is attached to).
     Detach(DetachArgs),
+    /// Grow the device attached to URI to the export's current size (after `volume
+    /// expand`), online; prints the new size in bytes.
+    Grow {
+        /// The export's NBD URI, as given to attach.
+        uri: String,
+    },
     /// List connected nbd devices and what they are attached to.
     Ls {
         /// Print JSON.
@@ -70,6 +76,19 @@ impl NbdCommand {
             NbdCommand::Detach(d) => tokio::task::spawn_blocking(move || d.run())
                 .await
                 .context("detach task")?,
+            NbdCommand::Grow { uri } => tokio::task::spawn_blocking(move || {
+                let target = NbdTarget::parse(&uri)?;
+                let backend = kernel_nbd::backend_id(&target);
+                let Some(index) = kernel_nbd::find(&backend)? else {
+                    bail!("{uri} is not attached");
+                };
+                let size = kernel_nbd::grow(index, &backend, &target)
+                    .with_context(|| format!("grow /dev/nbd{index}"))?;
+                println!("/dev/nbd{index}\t{size}");
+                Ok(())
+            })
+            .await
+            .context("grow task")?,
             NbdCommand::Ls { json } => {
                 let devs = kernel_nbd::list()?;
                 if json {

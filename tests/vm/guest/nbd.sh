@@ -104,9 +104,17 @@ t nbd-detached
 # fio with verify on a fresh attachment (kernel-picked device, no supervisor).
 DEV=$(ironhorn nbd attach "$URI" 2>>"$LOGS/nbd-attach.log") || fail "nbd: re-attach"
 fio_verify "$DEV" nbd || fail "nbd: fio verify"
-ironhorn nbd detach "$URI" >>"$LOGS/nbd-attach.log" 2>&1 || fail "nbd: detach by URI"
 pass nbd-fio-verify
 t nbd-fio-done
+# Online growth: the engine grows the volume, `nbd grow` hands the new size to the kernel.
+ironhorn engine ctl --engine 127.0.0.1:9600 expand 320MiB >>"$LOGS/nbd-attach.log" 2>&1 ||
+    fail "nbd: engine expand"
+ironhorn nbd grow "$URI" >>"$LOGS/nbd-attach.log" 2>&1 || fail "nbd: grow"
+[ "$(cat /sys/block/${DEV#/dev/}/size)" = "655360" ] ||
+    fail "nbd: $DEV has $(cat /sys/block/${DEV#/dev/}/size) sectors after grow, not 655360"
+dd if="$DEV" of=/dev/null bs=1M skip=319 count=1 iflag=direct 2>/dev/null || fail "nbd: read the grown end"
+pass nbd-grow-online
+ironhorn nbd detach "$URI" >>"$LOGS/nbd-attach.log" 2>&1 || fail "nbd: detach by URI"
 
 stop_pid /tmp/engine-vnbd.pid
 stop_pid /tmp/vnbd-r1.pid
