@@ -2,7 +2,9 @@
 //! the REST API: created, attached, written and verified with fio over NBD; a replica
 //! SIGKILLed under I/O makes it degraded, the manager heals it (the agent restarts the
 //! process, the engine rebuilds it online) back to healthy, and everything written
-//! verifies; the volume is then expanded online. The healing time is printed (`cargo test --test cluster_heal -- --nocapture`).
+//! verifies; the volume is then expanded online. With the per-node rebuild limit at 0 a
+//! killed replica waits (degraded, with a `Rebuild` condition saying why) until the limit
+//! is raised. The healing time is printed (`cargo test --test cluster_heal -- --nocapture`).
 
 mod cluster_common;
 mod common;
@@ -99,4 +101,43 @@ fn killed_replica_is_rebuilt_and_data_verifies() {
         &["--verify_only"],
     );
     fio(&uri, c.dir.path(), "grown", SIZE, 16 * MIB, 4, &[]);
+
+    // concurrent-replica-rebuild-per-node-limit 0: a killed replica comes back but is not
+    // rebuilt; the volume stays degraded and says why. Raising the limit lets it heal.
+    c.set_setting("concurrent-replica-rebuild-per-node-limit", "0");
+    let (victim, pid) = c.replicas_on(2, "v1").remove(0);
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill the replica");
+    // Writes make the engine notice the dead replica.
+    fio(&uri, c.dir.path(), "late", 96 * MIB, 8 * MIB, 5, &[]);
+    c.wait_robustness("v1", "degraded", Duration::from_secs(30));
+    let v = c.wait_volume("v1", Duration::from_secs(30), "rebuild held back", |v| {
+        condition(v, "Rebuild").as_deref() == Some("False")
+    });
+    let why = cluster_common::condition_message(&v, "Rebuild");
+    assert!(
+        why.contains(&victim) && why.contains("concurrent-replica-rebuild-per-node-limit"),
+        "{why}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.volume("v1")["status"]["robustness"], "degraded");
+    c.set_setting("concurrent-replica-rebuild-per-node-limit", "5");
+    c.wait_robustness("v1", "healthy", Duration::from_secs(90));
+    fio(
+        &uri,
+        c.dir.path(),
+        "grown",
+        SIZE,
+        16 * MIB,
+        4,
+        &["--verify_only"],
+    );
+    fio(
+        &uri,
+        c.dir.path(),
+        "late",
+        96 * MIB,
+        8 * MIB,
+        5,
+        &["--verify_only"],
+    );
 }

@@ -19,6 +19,10 @@ pub struct ControlSettings {
     pub replica_replenishment_wait: Duration,
     /// Period of agent reports (`agent-report-interval`, milliseconds; default 1000).
     pub report_interval: Duration,
+    /// Replica rebuilds that may run at once on one node, counted on the node of the
+    /// replica being rebuilt (`concurrent-replica-rebuild-per-node-limit`; default 5;
+    /// 0 starts no new rebuild).
+    pub rebuilds_per_node: u32,
 }
 
 impl Default for ControlSettings {
@@ -28,6 +32,7 @@ impl Default for ControlSettings {
             node_down_timeout: Duration::from_secs(60),
             replica_replenishment_wait: Duration::from_secs(60),
             report_interval: Duration::from_secs(1),
+            rebuilds_per_node: 5,
         }
     }
 }
@@ -76,6 +81,11 @@ impl ControlSettings {
             && let Ok(n) = v.parse()
         {
             s.report_interval = Duration::from_millis(n);
+        }
+        if let Some(v) = get(crate::settings::CONCURRENT_REBUILD_LIMIT).await?
+            && let Ok(n) = v.parse()
+        {
+            s.rebuilds_per_node = n;
         }
         Ok(s)
     }

@@ -67,6 +67,8 @@ impl Controller for VolumeController {
         }
         // Replicas created or deleted this pass, so that later volumes' scheduling sees them.
         let mut placed = world.replicas.clone();
+        // Rebuilds running per node, and those started this pass.
+        let mut rebuilds = RebuildSlots::count(world);
         let mut first_error = None;
         for v in &world.volumes {
             if v.metadata.deletion_timestamp.is_some() {
@@ -81,7 +83,7 @@ impl Controller for VolumeController {
                     .add_finalizer::<Volume>(&v.name_any(), FINALIZER)
                     .await?;
             }
-            if let Err(e) = reconcile_volume(ctx, world, v, &mut placed).await {
+            if let Err(e) = reconcile_volume(ctx, world, v, &mut placed, &mut rebuilds).await {
                 warn!(volume = %v.name_any(), error = %e, "volume reconcile failed");
                 first_error.get_or_insert(e);
             }
@@ -99,6 +101,40 @@ fn node_has_ublk(world: &World, node: &str) -> bool {
         .node(node)
         .and_then(|n| n.status.as_ref())
         .is_some_and(|s| s.ublk)
+}
+
+/// Replica rebuilds running per node (counted on the node of the replica being rebuilt:
+/// its disk takes the writes), for `concurrent-replica-rebuild-per-node-limit`.
+#[derive(Debug, Default)]
+struct RebuildSlots(BTreeMap<String, u32>);
+
+impl RebuildSlots {
+    /// The rebuilds the engines reported: replicas in WO mode.
+    fn count(world: &World) -> RebuildSlots {
+        let mut slots = RebuildSlots::default();
+        for e in &world.engines {
+            let Some(st) = &e.status else { continue };
+            for (replica, mode) in &st.replica_modes {
+                if *mode != ReplicaMode::WO {
+                    continue;
+                }
+                if let Some(r) = world.replicas.iter().find(|r| r.name_any() == *replica) {
+                    slots.start(&r.spec.node_id);
+                }
+            }
+        }
+        slots
+    }
+
+    /// Rebuilds running on `node`.
+    fn on(&self, node: &str) -> u32 {
+        self.0.get(node).copied().unwrap_or(0)
+    }
+
+    /// Counts one more rebuild on `node`.
+    fn start(&mut self, node: &str) {
+        *self.0.entry(node.to_owned()).or_default() += 1;
+    }
 }
 
 /// Finalizer that keeps a deleted Volume until its engine and replicas are gone.
@@ -195,6 +231,7 @@ async fn reconcile_volume(
     world: &World,
     v: &Volume,
     placed: &mut Vec<Replica>,
+    rebuilds: &mut RebuildSlots,
 ) -> Result<(), ControllerError> {
     let name = v.name_any();
     let want = v.spec.number_of_replicas as usize;
@@ -629,10 +666,36 @@ async fn reconcile_volume(
             if let Some(r) = next
                 && let Some(a) = running_address(r)
             {
-                info!(volume = %name, replica = %r.name_any(), address = a, "adding a replica to the engine (online rebuild)");
-                match ctx.engines.add_replica(ea, a).await {
-                    Ok(_) => {}
-                    Err(err) => warn!(volume = %name, error = %err, "add replica"),
+                let node = &r.spec.node_id;
+                let limit = world.settings.rebuilds_per_node;
+                let running = rebuilds.on(node);
+                if running >= limit {
+                    debug!(volume = %name, replica = %r.name_any(), %node, running, limit, "rebuild waits for a slot");
+                    set_condition(
+                        &mut st.conditions,
+                        "Rebuild",
+                        ConditionStatus::False,
+                        "WaitingForRebuildSlot",
+                        &format!(
+                            "replica {} waits: node {node} already rebuilds {running} replica(s) (concurrent-replica-rebuild-per-node-limit is {limit})",
+                            r.name_any()
+                        ),
+                    );
+                } else {
+                    info!(volume = %name, replica = %r.name_any(), address = a, "adding a replica to the engine (online rebuild)");
+                    match ctx.engines.add_replica(ea, a).await {
+                        Ok(_) => {
+                            rebuilds.start(node);
+                            set_condition(
+                                &mut st.conditions,
+                                "Rebuild",
+                                ConditionStatus::True,
+                                "RebuildStarted",
+                                &format!("rebuilding replica {} on node {node}", r.name_any()),
+                            );
+                        }
+                        Err(err) => warn!(volume = %name, error = %err, "add replica"),
+                    }
                 }
             }
         }
@@ -885,6 +948,7 @@ pub fn initial_status() -> VolumeStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resources::engine::EngineStatus;
 
     #[test]
     fn robustness_and_percent() {
@@ -894,5 +958,49 @@ mod tests {
         assert_eq!(percent(0, 0), 0);
         assert_eq!(percent(50, 100), 50);
         assert_eq!(percent(200, 100), 100);
+    }
+
+    #[test]
+    fn rebuild_slots_count_write_only_replicas_on_their_nodes() {
+        let replica = |name: &str, node: &str| {
+            let spec: ReplicaSpec = serde_json::from_value(serde_json::json!({
+                "volumeName": "v", "nodeId": node, "diskName": "d", "dataDir": "/d", "size": 4096
+            }))
+            .expect("replica spec");
+            Replica::new(name, spec)
+        };
+        let mut e = Engine::new(
+            "v-e",
+            EngineSpec {
+                volume_name: "v".into(),
+                node_id: "n1".into(),
+                size: 4096,
+                frontend: Default::default(),
+                replica_addresses: BTreeMap::new(),
+                desired_state: DesiredState::Running,
+            },
+        );
+        e.status = Some(EngineStatus {
+            replica_modes: BTreeMap::from([
+                ("r1".to_owned(), ReplicaMode::RW),
+                ("r2".to_owned(), ReplicaMode::WO),
+                ("r3".to_owned(), ReplicaMode::WO),
+            ]),
+            ..Default::default()
+        });
+        let world = World {
+            replicas: vec![
+                replica("r1", "n1"),
+                replica("r2", "n2"),
+                replica("r3", "n2"),
+            ],
+            engines: vec![e],
+            ..Default::default()
+        };
+        let mut slots = RebuildSlots::count(&world);
+        assert_eq!(slots.on("n1"), 0);
+        assert_eq!(slots.on("n2"), 2);
+        slots.start("n3");
+        assert_eq!(slots.on("n3"), 1);
     }
 }
