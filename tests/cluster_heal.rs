@@ -34,6 +34,12 @@ fn killed_replica_is_rebuilt_and_data_verifies() {
     let uri = c.wait_attached("v1");
     c.wait_robustness("v1", "healthy", Duration::from_secs(30));
     fio(&uri, c.dir.path(), "first", 0, 16 * MIB, 1, &[]);
+    // The agents report what the replicas take on disk: the 16 MiB written, not the size.
+    let v = c.wait_volume("v1", Duration::from_secs(30), "actual size", |v| {
+        v["status"]["actualSize"].as_u64().unwrap_or(0) >= 16 * MIB
+    });
+    let actual = v["status"]["actualSize"].as_u64().unwrap_or(0);
+    assert!(actual < SIZE, "actual size {actual} of a {SIZE}-byte volume 1/4 written");
 
     // Kill node-2's replica while fio writes elsewhere.
     let (victim, pid) = c.replicas_on(1, "v1").remove(0);

@@ -132,6 +132,32 @@ pub fn replica_dirs(disks: &[DiskConfig]) -> Vec<String> {
     out
 }
 
+/// Bytes the files under `dir` take on disk (allocated 512-byte blocks, so the holes of
+/// sparse files do not count); symbolic links are not followed and unreadable entries are
+/// skipped. A replica's actual size.
+pub fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut stack = vec![(dir.to_path_buf(), 0u32)];
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                // Replica directories are shallow; bound the walk anyway.
+                if depth < 8 {
+                    stack.push((e.path(), depth + 1));
+                }
+            } else if m.is_file() {
+                total = total.saturating_add(m.blocks().saturating_mul(512));
+            }
+        }
+    }
+    total
+}
+
 /// Whether `dir` lies strictly inside the replicas directory of one of `disks` (so that a
 /// removal asked for by the manager never reaches outside them).
 pub fn is_replica_dir(disks: &[DiskConfig], dir: &Path) -> bool {
@@ -146,6 +172,23 @@ pub fn is_replica_dir(disks: &[DiskConfig], dir: &Path) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocated_bytes_counts_data_not_holes() {
+        use std::io::{Seek, SeekFrom, Write};
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(allocated_bytes(t.path()), 0);
+        std::fs::create_dir_all(t.path().join("layers")).unwrap();
+        // 64 MiB sparse file with 1 MiB of data at its end.
+        let mut f = std::fs::File::create(t.path().join("layers/data")).unwrap();
+        f.seek(SeekFrom::Start(63 << 20)).unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        std::fs::write(t.path().join("meta"), b"x").unwrap();
+        let n = allocated_bytes(t.path());
+        assert!((1 << 20..8 << 20).contains(&n), "{n}");
+        assert_eq!(allocated_bytes(&t.path().join("missing")), 0);
+    }
 
     #[test]
     fn parses_paths_and_tags() {

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -586,7 +586,12 @@ impl Supervisor {
                 (InstanceKind::Engine, String::new(), frontends)
             }
         };
+        let allocated_bytes = match &rec.spec {
+            SpecRecord::Replica { dir, .. } => super::disks::allocated_bytes(Path::new(dir)),
+            SpecRecord::Engine { .. } => 0,
+        };
         InstanceReport {
+            allocated_bytes,
             name: name.to_owned(),
             kind: kind as i32,
             state: state as i32,

@@ -116,6 +116,14 @@ impl AgentService {
                         .rsplit_once(':')
                         .and_then(|(_, p)| p.parse().ok())
                         .unwrap_or(0);
+                    // Written when it moved by 1% of the replica's size (at least 1 MiB),
+                    // not at every report of a replica taking writes.
+                    let step = (x.spec.size / 100).max(1 << 20);
+                    if i.allocated_bytes.abs_diff(st.actual_size) >= step
+                        || (i.allocated_bytes == 0) != (st.actual_size == 0)
+                    {
+                        st.actual_size = i.allocated_bytes;
+                    }
                 }
                 None => {
                     st.state = if x.spec.desired_state == DesiredState::Running {
@@ -132,6 +140,7 @@ impl AgentService {
                     s.control_address = st.control_address.clone();
                     s.data_address = st.data_address.clone();
                     s.port = st.port;
+                    s.actual_size = st.actual_size;
                 })
                 .await?;
             }

@@ -857,6 +857,13 @@ async fn reconcile_volume(
     // 7. Status.
     let rw = modes.values().filter(|m| m.0 == ReplicaMode::RW).count();
     st.healthy_replicas = rw as u32;
+    // What the volume takes on one disk: its largest replica (they differ while one is
+    // rebuilt, and by snapshots' history).
+    st.actual_size = refs
+        .iter()
+        .filter_map(|r| r.status.as_ref().map(|s| s.actual_size))
+        .max()
+        .unwrap_or(0);
     st.rebuild_progress = modes
         .values()
         .find(|m| m.0 == ReplicaMode::WO)
