@@ -39,7 +39,10 @@ fn killed_replica_is_rebuilt_and_data_verifies() {
         v["status"]["actualSize"].as_u64().unwrap_or(0) >= 16 * MIB
     });
     let actual = v["status"]["actualSize"].as_u64().unwrap_or(0);
-    assert!(actual < SIZE, "actual size {actual} of a {SIZE}-byte volume 1/4 written");
+    assert!(
+        actual < SIZE,
+        "actual size {actual} of a {SIZE}-byte volume 1/4 written"
+    );
 
     // Kill node-2's replica while fio writes elsewhere.
     let (victim, pid) = c.replicas_on(1, "v1").remove(0);
