@@ -91,6 +91,40 @@ fn guest_kernel_data_paths() {
     assert!(started.elapsed() < LIMIT, "guest run exceeded {LIMIT:?}");
 }
 
+/// A mounted ext4 volume for one node writer: the capability both guest CSI tests use.
+fn ext4_single_writer() -> ironhorn_csi::pb::VolumeCapability {
+    use ironhorn_csi::pb::volume_capability::access_mode::Mode;
+    use ironhorn_csi::pb::volume_capability::{AccessMode, AccessType, MountVolume};
+    ironhorn_csi::pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+/// What is mounted at `path`, if anything.
+fn mount_source(path: &str) -> Option<String> {
+    ironhorn_csi::mount::mount_table()
+        .expect("mount table")
+        .into_iter()
+        .find(|m| m.mount_point == std::path::Path::new(path))
+        .map(|m| m.source)
+}
+
+/// The runtime of a guest CSI client. libtest prints "test NAME ... " without a newline
+/// first: a newline here starts the markers on a line of their own.
+fn guest_runtime() -> tokio::runtime::Runtime {
+    println!();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// The CSI node service through the kernel's nbd driver, inside the guest only:
 /// tests/vm/guest/csi.sh starts `ironhorn csi --mode node --attach-scheme kernel-nbd` and an
 /// engine, then runs this test binary (copied into the guest by run.sh) with `--ignored`.
@@ -101,8 +135,6 @@ fn guest_kernel_data_paths() {
 fn csi_node_in_guest() {
     use ironhorn_csi::pb;
     use ironhorn_csi::pb::node_client::NodeClient;
-    use ironhorn_csi::pb::volume_capability::access_mode::Mode;
-    use ironhorn_csi::pb::volume_capability::{AccessMode, AccessType, MountVolume};
     use std::collections::HashMap;
     use std::path::Path;
 
@@ -113,15 +145,7 @@ fn csi_node_in_guest() {
     let volume = "pvc-guest";
     let staging = "/tmp/csi/staging";
     let target = "/tmp/csi/pods/p1/volume";
-    let cap = pb::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-    };
+    let cap = ext4_single_writer();
     let stage_req = pb::NodeStageVolumeRequest {
         volume_id: volume.into(),
         publish_context: HashMap::from([("nbdUri".to_owned(), uri.clone())]),
@@ -144,13 +168,6 @@ fn csi_node_in_guest() {
         volume_id: volume.into(),
         staging_target_path: staging.into(),
     };
-    let mount_source = |path: &str| {
-        ironhorn_csi::mount::mount_table()
-            .expect("mount table")
-            .into_iter()
-            .find(|m| m.mount_point == Path::new(path))
-            .map(|m| m.source)
-    };
     let attached = || {
         ironhorn_csi::device::kernel_nbd::list()
             .expect("nbd devices")
@@ -158,13 +175,7 @@ fn csi_node_in_guest() {
             .filter(|d| d.backend.starts_with("ironhorn-csi:pvc-guest "))
             .count()
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    // libtest prints "test NAME ... " without a newline first: start the markers on a line
-    // of their own.
-    println!();
+    let rt = guest_runtime();
     rt.block_on(async {
         let ch = ironhorn_csi::client::connect(Path::new(&socket))
             .await
@@ -290,6 +301,42 @@ fn engine_pids(volume: &str) -> Vec<u32> {
         .collect()
 }
 
+/// What the CO does when a pod on `node` is gone: NodeUnpublish (when `target` is given),
+/// NodeUnstage, ControllerUnpublish.
+async fn release(
+    ctl: &mut ironhorn_csi::pb::controller_client::ControllerClient<tonic::transport::Channel>,
+    node_client: &mut ironhorn_csi::pb::node_client::NodeClient<tonic::transport::Channel>,
+    volume: &str,
+    node: &str,
+    staging: &str,
+    target: Option<&str>,
+) {
+    use ironhorn_csi::pb;
+    if let Some(target) = target {
+        node_client
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: volume.into(),
+                target_path: target.into(),
+            })
+            .await
+            .expect("node unpublish");
+    }
+    node_client
+        .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: volume.into(),
+            staging_target_path: staging.into(),
+        })
+        .await
+        .expect("node unstage");
+    ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("controller unpublish");
+}
+
 /// Pseudo-random bytes (xorshift), so a file's content is known without storing it.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
@@ -318,8 +365,6 @@ fn csi_cluster_in_guest() {
     use ironhorn_csi::pb;
     use ironhorn_csi::pb::controller_client::ControllerClient;
     use ironhorn_csi::pb::node_client::NodeClient;
-    use ironhorn_csi::pb::volume_capability::access_mode::Mode;
-    use ironhorn_csi::pb::volume_capability::{AccessMode, AccessType, MountVolume};
     use std::collections::HashMap;
     use std::io::Write;
     use std::path::Path;
@@ -327,15 +372,7 @@ fn csi_cluster_in_guest() {
     let sock_a = std::env::var("IRONHORN_GUEST_CSI_A")
         .expect("only runs inside the guest (tests/vm/guest/cluster.sh sets IRONHORN_GUEST_CSI_A)");
     let sock_b = std::env::var("IRONHORN_GUEST_CSI_B").expect("IRONHORN_GUEST_CSI_B");
-    let cap = pb::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-    };
+    let cap = ext4_single_writer();
     let create = |name: &str| pb::CreateVolumeRequest {
         name: name.into(),
         capacity_range: Some(pb::CapacityRange {
@@ -367,23 +404,12 @@ fn csi_cluster_in_guest() {
         volume_capability: Some(cap.clone()),
         ..Default::default()
     };
-    let mount_source = |path: &str| {
-        ironhorn_csi::mount::mount_table()
-            .expect("mount table")
-            .into_iter()
-            .find(|m| m.mount_point == Path::new(path))
-            .map(|m| m.source)
-    };
     let write_synced = |path: &Path, data: &[u8]| {
         let mut f = std::fs::File::create(path).expect("create a file on the volume");
         f.write_all(data).expect("write");
         f.sync_all().expect("fsync");
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    println!();
+    let rt = guest_runtime();
     rt.block_on(async {
         let ch_a = ironhorn_csi::client::connect(Path::new(&sock_a))
             .await
@@ -497,27 +523,7 @@ fn csi_cluster_in_guest() {
         assert_eq!(mount_source(staging).as_deref(), Some(dev.as_str()));
         println!("@@PASS cluster-engine-kill-ublk-recovers");
 
-        node_a
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: v1.clone(),
-                target_path: target.into(),
-            })
-            .await
-            .expect("unpublish volume 1");
-        node_a
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: v1.clone(),
-                staging_target_path: staging.into(),
-            })
-            .await
-            .expect("unstage volume 1");
-        ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-            volume_id: v1.clone(),
-            node_id: "node-1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("controller unpublish volume 1");
+        release(&mut ctl, &mut node_a, &v1, "node-1", staging, Some(target)).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         while Path::new(&dev).exists() {
             assert!(
@@ -560,20 +566,7 @@ fn csi_cluster_in_guest() {
             std::fs::read(&f3).expect("read back"),
             b"node-2 has no ublk: kernel nbd"
         );
-        node_b
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: v2.clone(),
-                staging_target_path: staging2.into(),
-            })
-            .await
-            .expect("unstage volume 2");
-        ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-            volume_id: v2.clone(),
-            node_id: "node-2".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("controller unpublish volume 2");
+        release(&mut ctl, &mut node_b, &v2, "node-2", staging2, None).await;
         println!("@@INFO cluster volume 2 staged from {src}");
         println!("@@PASS cluster-auto-picks-nbd-without-ublk");
 

@@ -39,7 +39,6 @@ pub use netlink::NetlinkError;
 pub use target::{Endpoint, NbdTarget, ParseTargetError};
 
 use super::{AttachScheme, DeviceError, check_nbd_uri, device_size, volume_dir_name};
-use crate::mount;
 
 use handshake::{FLAG_CAN_MULTI_CONN, negotiate};
 use netlink::{ConnectRequest, NbdNetlink};
@@ -683,20 +682,7 @@ impl AttachScheme for KernelNbd {
             return Ok(());
         };
         let dev = device_path(d.index);
-        let mounts = mount::mounts_of(&dev).map_err(|e| DeviceError::Busy {
-            volume: volume.to_owned(),
-            reason: e.to_string(),
-        })?;
-        if let Some(m) = mounts.first() {
-            return Err(DeviceError::Busy {
-                volume: volume.to_owned(),
-                reason: format!(
-                    "{} is mounted on {}",
-                    dev.display(),
-                    m.mount_point.display()
-                ),
-            });
-        }
+        super::ensure_unmounted(volume, &dev)?;
         self.stop_supervisor(&volume_dir_name(volume));
         detach(
             d.index,

@@ -260,6 +260,26 @@ impl AttachScheme for NodeDevices {
     }
 }
 
+/// Fails with [`DeviceError::Busy`] when `device` is mounted anywhere (it cannot be
+/// detached then).
+pub(crate) fn ensure_unmounted(volume: &str, device: &Path) -> Result<(), DeviceError> {
+    let mounts = crate::mount::mounts_of(device).map_err(|e| DeviceError::Busy {
+        volume: volume.to_owned(),
+        reason: e.to_string(),
+    })?;
+    match mounts.first() {
+        Some(m) => Err(DeviceError::Busy {
+            volume: volume.to_owned(),
+            reason: format!(
+                "{} is mounted on {}",
+                device.display(),
+                m.mount_point.display()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Size in bytes of a block device (or regular file): where a seek to its end lands.
 pub fn device_size(path: &Path) -> std::io::Result<u64> {
     File::open(path)?.seek(SeekFrom::End(0))

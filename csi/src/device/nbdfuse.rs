@@ -322,20 +322,7 @@ impl AttachScheme for Nbdfuse {
     fn detach(&self, volume: &str) -> Result<(), DeviceError> {
         let p = self.paths(volume);
         for dev in Self::loops_backed_by(&p.file) {
-            let mounts = mount::mounts_of(&dev).map_err(|e| DeviceError::Busy {
-                volume: volume.to_owned(),
-                reason: e.to_string(),
-            })?;
-            if let Some(m) = mounts.first() {
-                return Err(DeviceError::Busy {
-                    volume: volume.to_owned(),
-                    reason: format!(
-                        "{} is mounted on {}",
-                        dev.display(),
-                        m.mount_point.display()
-                    ),
-                });
-            }
+            super::ensure_unmounted(volume, &dev)?;
             exec::run("losetup", &["-d".as_ref(), dev.as_os_str()], exec::QUICK)
                 .map_err(|e| Self::cmd_err("detach", volume, e))?;
         }

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{AttachScheme, Attachment, DeviceError, device_size, volume_dir_name};
-use crate::mount;
 
 /// URI prefix of a ublk device: `ublk:///dev/ublkbN`.
 pub const URI_PREFIX: &str = "ublk://";
@@ -132,21 +131,7 @@ impl AttachScheme for UblkDevices {
     fn detach(&self, volume: &str) -> Result<(), DeviceError> {
         let file = self.state_file(volume);
         if let Ok(text) = fs::read_to_string(&file) {
-            let device = PathBuf::from(text.trim());
-            let mounts = mount::mounts_of(&device).map_err(|e| DeviceError::Busy {
-                volume: volume.to_owned(),
-                reason: e.to_string(),
-            })?;
-            if let Some(m) = mounts.first() {
-                return Err(DeviceError::Busy {
-                    volume: volume.to_owned(),
-                    reason: format!(
-                        "{} is mounted on {}",
-                        device.display(),
-                        m.mount_point.display()
-                    ),
-                });
-            }
+            super::ensure_unmounted(volume, Path::new(text.trim()))?;
         }
         match fs::remove_file(&file) {
             Ok(()) => {

@@ -49,16 +49,8 @@ nodes_ready() {
 }
 wait_until 60 nodes_ready || { cat /tmp/cl-nodes.json; fail "cluster: nodes did not report (node-1 ublk, node-2 not)"; }
 t cluster-up
-IRONHORN_GUEST_CSI_A=/tmp/csi-a/csi.sock IRONHORN_GUEST_CSI_B=/tmp/csi-b/csi.sock \
-    PATH=/opt/node-tools:$PATH \
-    vm-guest-test --exact csi_cluster_in_guest --ignored --nocapture --test-threads 1 \
-    >/tmp/cluster-client.out 2>&1
-rc=$?
-grep -E '^@@(PASS|INFO)' /tmp/cluster-client.out
-if [ $rc -ne 0 ]; then
-    tail -n 40 /tmp/cluster-client.out
-    fail "cluster: the CSI client test failed"
-fi
+export IRONHORN_GUEST_CSI_A=/tmp/csi-a/csi.sock IRONHORN_GUEST_CSI_B=/tmp/csi-b/csi.sock
+run_client csi_cluster_in_guest cluster
 no_io_errors ublkb || fail "cluster: the kernel logged I/O errors on the ublk device"
 t cluster-done
 stop_pid /tmp/cl-csi-a.pid

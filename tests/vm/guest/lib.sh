@@ -31,6 +31,20 @@ wait_until() {
     return 0
 }
 
+# run_client TEST LABEL: runs test TEST of the tests/vm_guest.rs binary (copied into the
+# guest by run.sh) with the node tools on PATH, prints its markers, and fails with the end
+# of its output when it fails.
+run_client() {
+    PATH=/opt/node-tools:$PATH vm-guest-test --exact "$1" --ignored --nocapture \
+        --test-threads 1 >"/tmp/$1.out" 2>&1
+    rc=$?
+    grep -E '^@@(PASS|INFO)' "/tmp/$1.out"
+    if [ $rc -ne 0 ]; then
+        tail -n 40 "/tmp/$1.out"
+        fail "$2: the CSI client test $1 failed"
+    fi
+}
+
 port_open() { netstat -ltn 2>/dev/null | grep -q ":$1 "; }
 
 # start_replica NAME PORT SIZE: control on PORT, data on PORT+1.
