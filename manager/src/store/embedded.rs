@@ -330,6 +330,24 @@ impl StoreBackend for EmbeddedStore {
                 })?;
                 let (old, mut old_rest) = split(kind, current)?;
                 check_version(kind, &name, &given, &old)?;
+                // As the Kubernetes API server: an object being deleted takes no new
+                // finalizer (it would only delay a deletion already under way).
+                if old.deletion_timestamp.is_some() {
+                    let before = old.finalizers.clone().unwrap_or_default();
+                    if let Some(new) = given
+                        .finalizers
+                        .iter()
+                        .flatten()
+                        .find(|f| !before.contains(f))
+                    {
+                        return Err(StoreError::Invalid {
+                            kind,
+                            reason: format!(
+                                "{name} is being deleted: no new finalizer ({new}) can be added"
+                            ),
+                        });
+                    }
+                }
                 let mut meta = old.clone();
                 meta.labels = given.labels.clone();
                 meta.annotations = given.annotations.clone();

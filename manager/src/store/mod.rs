@@ -424,4 +424,6 @@ fn from_json<K: Object>(value: Value) -> Result<K> {
 }
 
 #[cfg(test)]
+mod conformance;
+#[cfg(test)]
 mod tests;
