@@ -23,6 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use tracing::{debug, warn};
 
+/// A flush may take this many replica timeouts (it writes out whatever the replica's page
+/// cache still holds) before the replica counts as failed.
+pub const FLUSH_TIMEOUT_FACTOR: u32 = 8;
 /// Why a request to a replica failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReplicaIoError {
@@ -216,6 +219,14 @@ impl ReplicaDataClient {
     }
 
     async fn call(&self, req: Request) -> Result<Response, ReplicaIoError> {
+        self.call_within(req, self.timeout).await
+    }
+
+    async fn call_within(
+        &self,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Response, ReplicaIoError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let conn = &self.conns[i];
         if conn.broken.load(Ordering::Acquire) {
@@ -236,7 +247,7 @@ impl ReplicaDataClient {
                 .remove(&id);
             return Err(ReplicaIoError::Disconnected("writer stopped".into()));
         }
-        match tokio::time::timeout(self.timeout, rx).await {
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(_)) => Err(ReplicaIoError::Disconnected(
                 "connection failed with the request in flight".into(),
@@ -246,7 +257,7 @@ impl ReplicaDataClient {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&id);
-                Err(ReplicaIoError::Timeout(self.timeout))
+                Err(ReplicaIoError::Timeout(timeout))
             }
         }
     }
@@ -305,7 +316,9 @@ impl ReplicaDataClient {
         // A flush on one connection covers writes acknowledged on any of them: the replica
         // fdatasyncs the head file they all write to.
         let req = Request::flush(self.id());
-        self.call(req)
+        // A flush takes as long as the dirty data the replica has to write: a slow one is
+        // not a dead replica. Writes keep the short timeout.
+        self.call_within(req, self.timeout * FLUSH_TIMEOUT_FACTOR)
             .await?
             .status()
             .map_err(ReplicaIoError::Status)

@@ -759,9 +759,22 @@ impl Volume {
         } else {
             name.to_owned()
         };
+        self.flush_before_snapshot().await;
         let members = self.members.write().await;
         self.snapshot_locked(&members, &name, labels).await?;
         Ok(name)
+    }
+
+    /// Flushes every replica before a snapshot, while writes still flow: each replica's
+    /// snapshot makes its head durable (fdatasync) under the exclusive lock, with every
+    /// write held; after this flush that has only the writes of the last moments to do,
+    /// not everything the page cache held (measured: a 135–200 ms write stall at the start
+    /// of a rebuild after 20 MiB of writes, benches/RESULTS.md). A failure here is left to
+    /// the snapshot itself to report.
+    async fn flush_before_snapshot(&self) {
+        if let Err(e) = self.mutate(|d| async move { d.flush().await }).await {
+            tracing::debug!(volume = %self.name, error = ?e, "flush before a snapshot");
+        }
     }
 
     async fn snapshot_locked(
@@ -939,6 +952,7 @@ impl Volume {
             .map_err(|_| EngineError::Timeout(address.to_owned(), "begin rebuild"))?
             .map_err(|s| status_err(address, "begin rebuild", s))?;
         self.connect_data(&r, &probe.info.data_address).await?;
+        self.flush_before_snapshot().await;
         let source = {
             let mut members = self.members.write().await;
             let source = members

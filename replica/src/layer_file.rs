@@ -8,6 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use nix::fcntl::{FallocateFlags, fallocate};
@@ -19,6 +20,8 @@ use crate::error::{Result, StoreError};
 pub const SEGMENT_SIZE: u64 = 1 << 43;
 /// Most segments a layer can have (volumes up to 1 PiB).
 pub const MAX_SEGMENTS: usize = 128;
+/// Bytes written to a layer between two starts of its writeback ([`crate::writeback`]).
+pub const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// An open layer.
 #[derive(Debug)]
@@ -26,6 +29,8 @@ pub struct LayerFile {
     path: PathBuf,
     segs: Box<[OnceLock<File>]>,
     create: Mutex<()>,
+    /// Bytes written since writeback was last started (or the layer synced).
+    unsynced: AtomicU64,
 }
 
 /// Path of segment `k` of the layer whose first segment is `path`.
@@ -94,6 +99,7 @@ impl LayerFile {
             path: path.to_owned(),
             segs,
             create: Mutex::new(()),
+            unsynced: AtomicU64::new(0),
         }
     }
 
@@ -189,7 +195,24 @@ impl LayerFile {
                 .write_all_at(&data[at..at + len], off)
                 .map_err(|e| StoreError::io("write layer", &self.path, e))?;
         }
+        self.written(data.len() as u64);
         Ok(())
+    }
+
+    /// Counts `len` bytes written; every [`WRITEBACK_EVERY`] bytes, starts the writeback of
+    /// the layer's dirty pages (without waiting for it), so that a later flush is short.
+    fn written(&self, len: u64) {
+        let before = self.unsynced.fetch_add(len, Ordering::Relaxed);
+        if before + len < WRITEBACK_EVERY || before >= WRITEBACK_EVERY {
+            // Below the mark, or another writer crossed it and is starting writeback.
+            return;
+        }
+        for f in self.segs.iter().filter_map(|s| s.get()) {
+            if let Err(e) = crate::writeback::start(f) {
+                tracing::debug!(path = %self.path.display(), error = %e, "cannot start writeback");
+            }
+        }
+        self.unsynced.store(0, Ordering::Relaxed);
     }
 
     /// Deallocates `[offset, offset + len)`; it reads as zeros and is a hole for SEEK_DATA.
@@ -219,6 +242,7 @@ impl LayerFile {
     /// fdatasync of every segment: makes every write so far durable.
     pub fn sync_data(&self) -> Result<()> {
         crate::failpoint!("layer::sync");
+        self.unsynced.store(0, Ordering::Relaxed);
         for f in self.segs.iter().filter_map(|s| s.get()) {
             f.sync_data()
                 .map_err(|e| StoreError::io("fdatasync layer", &self.path, e))?;

@@ -17,6 +17,7 @@ pub mod layer_file;
 pub mod meta;
 pub mod server;
 pub mod store;
+pub mod writeback;
 
 pub use error::{Result, StoreError};
 pub use store::{BLOCK_SIZE, CHUNK_SIZE, LayerInfo, SECTOR_SIZE, Store};
