@@ -7,6 +7,14 @@
 //! in the read buffer — sends all the answers with one `write`. Pipelined requests are so
 //! answered in batches, in order of arrival (the protocol allows any order).
 //!
+//! Flushes are the exception: a flush (fdatasync of the head) can take as long as the
+//! page cache's dirty data needs, so it is handed to the connection's flusher thread, which
+//! answers it when the fdatasync returns (coalescing flushes that arrive meanwhile into one)
+//! while the connection thread goes on with the requests behind it. Answers are written
+//! whole under one lock, so the two threads never interleave bytes on the socket. A flush
+//! covers every write answered before it arrived: those ran on this thread (or another
+//! connection's) before the flush was read.
+//!
 //! Read answers are built in place: the header slot, then the data read by the store
 //! straight into the write buffer, then the crc over it, computed once. Write payloads are
 //! split off the read buffer without copying. Buffers are reused across requests.
@@ -26,6 +34,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -275,19 +284,46 @@ fn serve_connection(stream: TcpStream, peer: SocketAddr, session: u64, shared: &
         return;
     }
     tracing::debug!("data connection open");
-    let mut conn = Connection {
-        stream,
-        store: &shared.store,
-        codec: RequestCodec::new(),
-        rbuf: BytesMut::with_capacity(MIN_READ * 4),
-        wbuf: BytesMut::with_capacity(MIN_READ),
-        read_size: MIN_READ * 4,
-        errors: ErrorLog::default(),
-        session,
-        stale: false,
+    let writer = match stream.try_clone() {
+        Ok(w) => Arc::new(Mutex::new(w)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot share the data socket; closing");
+            return;
+        }
     };
-    let result = conn.run();
-    conn.errors.summary();
+    let (flushes, flush_queue) = mpsc::channel::<u64>();
+    let store = &shared.store;
+    let result = std::thread::scope(|scope| {
+        let flusher_writer = Arc::clone(&writer);
+        let flusher = std::thread::Builder::new()
+            .name("data-flush".into())
+            .spawn_scoped(scope, move || {
+                flusher(store, session, &flush_queue, &flusher_writer)
+            });
+        if let Err(e) = flusher {
+            tracing::warn!(error = %e, "cannot start the connection's flusher thread; closing");
+            return None;
+        }
+        let mut conn = Connection {
+            stream,
+            writer,
+            flushes,
+            store,
+            codec: RequestCodec::new(),
+            rbuf: BytesMut::with_capacity(MIN_READ * 4),
+            wbuf: BytesMut::with_capacity(MIN_READ),
+            read_size: MIN_READ * 4,
+            errors: ErrorLog::default(),
+            session,
+            stale: false,
+        };
+        let result = conn.run();
+        conn.errors.summary();
+        // Dropping the connection closes the flusher's queue: it answers what it holds and
+        // ends, and the scope waits for it.
+        Some(result)
+    });
+    let Some(result) = result else { return };
     match result {
         Ok(()) => tracing::debug!("data connection closed by peer"),
         Err(Close::Protocol(e)) => {
@@ -324,9 +360,53 @@ impl From<io::Error> for Close {
     }
 }
 
+/// The connection's flusher: runs the flushes the connection thread hands over, one
+/// fdatasync for all that are waiting, and writes their answers. Ends when the queue is
+/// closed (the connection ended) or the socket fails. If a rebuild ended the connection's
+/// data session, it answers nothing and shuts the socket, as the connection thread would.
+fn flusher(store: &Store, session: u64, queue: &mpsc::Receiver<u64>, writer: &Mutex<TcpStream>) {
+    let mut out = BytesMut::new();
+    let mut errors = ErrorLog::default();
+    while let Ok(first) = queue.recv() {
+        let mut ids = vec![first];
+        ids.extend(queue.try_iter());
+        let Some(_session) = store.enter_session(session) else {
+            let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = w.shutdown(Shutdown::Both);
+            return;
+        };
+        let result = store.flush();
+        out.clear();
+        for id in &ids {
+            let resp = match &result {
+                Ok(()) => Response::ok(*id),
+                Err(e) => {
+                    errors.record(ErrorCode::Io, || {
+                        tracing::warn!(id, error = %e, answer = %ErrorCode::Io, "flush failed");
+                    });
+                    Response::error(*id, ErrorCode::Io)
+                }
+            };
+            out.extend_from_slice(&resp.encode_header());
+            out.extend_from_slice(resp.payload());
+        }
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = w.write_all(&out) {
+            tracing::debug!(error = %e, "cannot answer flushes; the connection is going away");
+            return;
+        }
+    }
+    errors.summary();
+}
+
 /// One data connection: its socket, buffers and codec.
 struct Connection<'a> {
+    /// For reading; answers go through `writer` (shared with the flusher).
     stream: TcpStream,
+    /// The socket for answers, written whole under the lock.
+    writer: Arc<Mutex<TcpStream>>,
+    /// Flush request ids for the flusher thread.
+    flushes: mpsc::Sender<u64>,
     store: &'a Store,
     codec: RequestCodec,
     /// Bytes received and not yet decoded.
@@ -412,7 +492,11 @@ impl Connection<'_> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let result = self.stream.write_all(&self.wbuf);
+        let result = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&self.wbuf);
         self.wbuf.clear();
         if self.wbuf.capacity() > SHRINK_ABOVE {
             self.wbuf = BytesMut::with_capacity(MIN_READ);
@@ -443,7 +527,14 @@ impl Connection<'_> {
             Op::Write => store.write(offset, req.payload()),
             Op::WriteZeroes => store.write_zeroes(offset, length),
             Op::Discard => store.discard(offset, length),
-            Op::Flush => store.flush(),
+            Op::Flush => {
+                // A plain flush goes to the flusher, which answers it when it is done.
+                // (With FUA, below, the write's own answer waits for its flush.)
+                if !req.fua() && self.flushes.send(req.id()).is_ok() {
+                    return;
+                }
+                store.flush()
+            }
             Op::Ping => Ok(()),
         };
         let result = match result {
@@ -654,6 +745,51 @@ mod tests {
         });
         let mut c = connect(&server);
         assert_eq!(call(&mut c, Request::ping(2)).status(), Ok(()));
+    }
+
+    /// Pipelined writes and flushes on one connection: the flushes go to the flusher
+    /// thread (several may be answered by one fdatasync), every request gets exactly one
+    /// answer, and the data is there.
+    #[test]
+    fn pipelined_flushes_are_each_answered_once() {
+        let (_tmp, server) = start("127.0.0.1:0", 8);
+        let mut s = connect(&server);
+        let mut buf = BytesMut::new();
+        let mut codec = RequestCodec::new();
+        let mut want = std::collections::BTreeSet::new();
+        for i in 0..40u64 {
+            let req = if i % 3 == 2 {
+                Request::flush(i)
+            } else {
+                Request::write(i, (i % 16) * 4096, Bytes::from(vec![i as u8; 4096]), false).unwrap()
+            };
+            codec.encode(req, &mut buf).unwrap();
+            want.insert(i);
+        }
+        s.write_all(&buf).unwrap();
+        let mut rbuf = BytesMut::new();
+        let mut responses = ResponseCodec::new();
+        let mut got = std::collections::BTreeSet::new();
+        while got.len() < want.len() {
+            if let Some(item) = responses.decode(&mut rbuf).unwrap() {
+                let resp = item.unwrap();
+                assert_eq!(resp.status(), Ok(()), "request {}", resp.id());
+                assert!(
+                    got.insert(resp.id()),
+                    "request {} answered twice",
+                    resp.id()
+                );
+                continue;
+            }
+            let mut chunk = [0u8; 8192];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed with {} of {} answers", got.len(), want.len());
+            rbuf.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, want);
+        // Block 0 was written by requests 0 and 16 (32 is a flush): 16's data is there.
+        let resp = call(&mut s, Request::read(100, 0, 4096).unwrap());
+        assert_eq!(resp.into_result().unwrap(), Bytes::from(vec![16u8; 4096]));
     }
 
     #[test]
