@@ -34,7 +34,7 @@ trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
-export RUST_LOG=warn
+export RUST_LOG=${RUST_LOG:-warn}
 
 replica() { # replica NAME CONTROL_PORT DATA_PORT: starts (or restarts) a replica; prints its pid
     "$BIN" replica serve --dir "$W/$1" --size "${MIB}MiB" --listen "127.0.0.1:$2" \
@@ -63,7 +63,7 @@ rm -f "$W/img"
 echo "fill: $((WRITTEN >> 20)) MiB in $(python3 -c "print(f'{$t1-$t0:.1f}')") s"
 
 load() { # load NAME SECONDS: 4k random writes at $RATE over the written part
-    fio --name="$1" --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=4 \
+    fio --name="$1" --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=4 ${REBUILD_BENCH_FIO_EXTRA:-} \
         --size="$WRITTEN" --rate="$RATE" --time_based --runtime="$2" \
         --output-format=json >"$W/fio-$1.json" 2>"$W/fio-$1.log" &
     echo $!
