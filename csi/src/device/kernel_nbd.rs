@@ -16,7 +16,7 @@
 //! ([`backend_id`]); that is how [`find`] recognises one made earlier (by another process,
 //! or before a driver restart), with no state file.
 
-mod handshake;
+pub mod handshake;
 mod netlink;
 mod target;
 
