@@ -159,22 +159,7 @@ fn volume_object_gets_healthy_replicas_and_is_cleaned_up() {
         emu.kube_client(NS).expect("client"),
         NS,
     )));
-    let volume = Volume::new(
-        "pvc-1",
-        VolumeSpec {
-            size: 64 * MIB,
-            number_of_replicas: 3,
-            frontend: Default::default(),
-            data_locality: Default::default(),
-            disk_selector: vec![],
-            node_selector: vec![],
-            stale_replica_timeout_seconds: 0,
-            from_backup: None,
-            node_id: None,
-            revert_to_snapshot: None,
-            labels: Default::default(),
-        },
-    );
+    let volume = Volume::new("pvc-1", VolumeSpec::with_size(64 * MIB));
     rt.block_on(store.create(&volume))
         .expect("create the Volume");
     let v = wait_for(Duration::from_secs(60), "a healthy volume", || {

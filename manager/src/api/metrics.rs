@@ -304,22 +304,7 @@ mod tests {
 
     #[test]
     fn renders_volume_disk_and_backup_metrics_from_status() {
-        let mut v = Volume::new(
-            "v\"1",
-            VolumeSpec {
-                size: 4096,
-                number_of_replicas: 3,
-                frontend: Default::default(),
-                data_locality: Default::default(),
-                disk_selector: vec![],
-                node_selector: vec![],
-                stale_replica_timeout_seconds: 0,
-                from_backup: None,
-                node_id: None,
-                revert_to_snapshot: None,
-                labels: Default::default(),
-            },
-        );
+        let mut v = Volume::new("v\"1", VolumeSpec::with_size(4096));
         v.status = Some(VolumeStatus {
             robustness: Robustness::Degraded,
             rebuild_progress: Some(42),

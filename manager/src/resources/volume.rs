@@ -108,6 +108,26 @@ pub struct VolumeSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+impl VolumeSpec {
+    /// A volume of `size` bytes with every other field at its default (3 replicas, NBD,
+    /// no selectors, detached).
+    pub fn with_size(size: u64) -> VolumeSpec {
+        VolumeSpec {
+            size,
+            number_of_replicas: DEFAULT_NUMBER_OF_REPLICAS,
+            frontend: Frontend::default(),
+            data_locality: DataLocality::default(),
+            disk_selector: vec![],
+            node_selector: vec![],
+            stale_replica_timeout_seconds: 0,
+            from_backup: None,
+            node_id: None,
+            revert_to_snapshot: None,
+            labels: Default::default(),
+        }
+    }
+}
+
 /// Lifecycle state of a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]

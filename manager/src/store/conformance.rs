@@ -28,22 +28,7 @@ pub(super) trait Backend {
 
 /// A volume of `size` bytes named `name`.
 pub(super) fn volume(name: &str, size: u64) -> Volume {
-    Volume::new(
-        name,
-        VolumeSpec {
-            size,
-            number_of_replicas: 3,
-            frontend: Default::default(),
-            data_locality: Default::default(),
-            disk_selector: vec![],
-            node_selector: vec![],
-            stale_replica_timeout_seconds: 0,
-            from_backup: None,
-            node_id: None,
-            revert_to_snapshot: None,
-            labels: Default::default(),
-        },
-    )
+    Volume::new(name, VolumeSpec::with_size(size))
 }
 
 /// A runtime with two workers (concurrent writers really interleave).
