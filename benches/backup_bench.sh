@@ -13,22 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ -n "${IRONHORN_BIN:-}" ] || cargo build --release -q
-BIN=${IRONHORN_BIN:-$PWD/target/release/ironhorn}
+. benches/lib.sh
+bench_setup backup-bench
 # BACKUP_BENCH_MIB: volume size in MiB (default 2048; smaller to try the script out).
 MIB=${BACKUP_BENCH_MIB:-2048}
 SIZE=$((MIB << 20))
-W=$(mktemp -d /tmp/ih-backup-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
 rate() { python3 -c "print(f'{$1/($3-$2)/1e6:.0f}')"; }
 
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1

@@ -11,21 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ -n "${IRONHORN_BIN:-}" ] || cargo build --release -q
-BIN=${IRONHORN_BIN:-$PWD/target/release/ironhorn}
+. benches/lib.sh
+bench_setup flush-bench
 MIB=${FLUSH_BENCH_MIB:-2048}
 FILL=$((MIB * 3 / 4))
-W=$(mktemp -d /tmp/ih-flush-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-now() { date +%s.%N; }
 export RUST_LOG=warn
 
 C1=$(port); D1=$(port); C2=$(port); D2=$(port); EC=$(port); NBD=$(port)

@@ -17,23 +17,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ -n "${IRONHORN_BIN:-}" ] || cargo build --release -q
-BIN=${IRONHORN_BIN:-$PWD/target/release/ironhorn}
+. benches/lib.sh
+bench_setup rebuild-bench
 MIB=${REBUILD_BENCH_MIB:-2048}
 SIZE=$((MIB << 20))
 # fio's rate during the rebuilds (a steady load, not a saturating one)
 RATE=${REBUILD_BENCH_RATE:-2m}
-W=$(mktemp -d /tmp/ih-rebuild-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [ -n "${REBUILD_BENCH_KEEP:-}" ] && echo "kept $W" || rm -rf "$W"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
 export RUST_LOG=${RUST_LOG:-warn}
 
 replica() { # replica NAME CONTROL_PORT DATA_PORT: starts (or restarts) a replica; prints its pid
@@ -41,7 +30,6 @@ replica() { # replica NAME CONTROL_PORT DATA_PORT: starts (or restarts) a replic
         --data-listen "127.0.0.1:$3" >/dev/null 2>>"$W/$1.log" &
     echo $!
 }
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 P1=$(port); P2=$(port); P3=$(port); D1=$(port); D2=$(port); D3=$(port); EC=$(port); NBD=$(port)
 PIDS+=("$(replica r1 "$P1" "$D1")" "$(replica r2 "$P2" "$D2")")
